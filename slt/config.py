@@ -1,0 +1,432 @@
+"""Run configuration: frozen dataclasses per section, TOML loading, overrides, validation.
+
+Every field carries its help text (`metadata["help"]`), so `slt config show` and the
+docs come from one place. A config is validated before any work starts or any file is
+written; each mistake is one `ConfigError` line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from slt.errors import ConfigError
+from slt.registry import did_you_mean
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults: configs are frozen")
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def default_data_root() -> str:
+    """`$SLT_DATA` when set, else ./data (resolved when the config is loaded)."""
+    return os.environ.get("SLT_DATA", "./data")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = _f("mnist", "dataset: mnist, fashion_mnist, cifar10, cifar100, imagefolder, "
+                   "planted_teacher")
+    root: str = _f("", "where datasets live; empty means $SLT_DATA, else ./data")
+    download: bool = _f(False, "let torchvision download a missing dataset")
+    augment: bool = _f(True, "random crop (pad 4) and horizontal flip for 32x32 colour images")
+    # Planted-teacher task: inputs ~ N(0, I), labels = argmax of a random teacher MLP.
+    input_dim: int = _f(32, "planted teacher: input dimension")
+    num_classes: int = _f(10, "planted teacher: number of classes")
+    teacher_hidden: int = _f(64, "planted teacher: hidden width of the random teacher MLP")
+    train_size: int = _f(8192, "planted teacher: number of training examples")
+    test_size: int = _f(2048, "planted teacher: number of test examples")
+    seed: int = _f(0, "planted teacher: seed of the teacher and of its examples")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f("mlp", "architecture: mlp, conv2, conv4, conv6, conv8, vgg16, resnet18, "
+                   "resnet20, resnet50")
+    width: float = _f(1.0, "width multiplier of every hidden layer")
+    hidden: tuple[int, ...] = _f((300, 100), "mlp: hidden layer sizes before the width multiplier")
+    init: str = _f("kaiming_normal", "weight init: kaiming_normal or signed_constant")
+    init_scale: str = _f("none", "divide the init std by sqrt of this per-layer density: "
+                         "none, source or ticket")
+    bn_affine: bool = _f(False, "learn BatchNorm scale and shift (off: only scores are learned)")
+    first_layer_dense: bool = _f(False, "keep the first layer dense and out of the search")
+    last_layer_dense: bool = _f(False, "keep the last layer dense and out of the search")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    density: float = _f(1.0, "source density d: fraction of prunable weights in the random source")
+    scheme: str = _f("uniform", "layerwise scheme: uniform, er, erk, balanced, pyramidal, custom")
+    layer_densities: tuple[float, ...] = _f((), "custom scheme: one density per searched layer")
+    seed: int = _f(0, "seed of the source mask (edge priorities); weights do not depend on it")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    scorer: str = _f("edge-popup", "scoring rule")
+    keep: float | None = _f(None, "fraction of source edges the ticket keeps (edge-popup's k)")
+    ticket_density: float | None = _f(None, "fraction of all prunable weights the ticket keeps")
+    scope: str = _f("layer", "top-k per layer (layer) or over all layers at once (global)")
+    epochs: int = _f(10, "training epochs of the score search")
+    lr: float = _f(0.1, "peak learning rate of the scores")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(5e-4, "SGD weight decay on the scores")
+    nesterov: bool = _f(False, "Nesterov momentum")
+    warmup_epochs: float = _f(0.0, "linear warmup before the cosine schedule, in epochs")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss")
+    batch_size: int = _f(128, "training batch size")
+    eval_batch_size: int = _f(1000, "evaluation batch size")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = _f(0, "seed of the weights, scores and data order; the source does not use it")
+    device: str = _f("auto", "auto (cuda when present), cpu or cuda")
+    threads: int = _f(0, "CPU threads for torch; 0 leaves torch's default")
+    progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # --- derived values -------------------------------------------------------------------
+    @property
+    def keep(self) -> float:
+        """Fraction of source edges kept (derived from ticket_density when that is given)."""
+        if self.search.keep is not None:
+            return self.search.keep
+        assert self.search.ticket_density is not None
+        return self.search.ticket_density / self.source.density
+
+    @property
+    def ticket_density(self) -> float:
+        if self.search.ticket_density is not None:
+            return self.search.ticket_density
+        assert self.search.keep is not None
+        return self.search.keep * self.source.density
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {s.name: _section_dict(getattr(self, s.name)) for s in fields(self)}
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "source": SourceConfig,
+    "search": SearchConfig,
+    "run": RunConfig,
+}
+
+# Keys that say where or how a run executes, not what it computes: left out of the run id.
+NOT_HASHED = {("data", "root"), ("data", "download"), ("run", "device"), ("run", "threads"),
+              ("run", "progress")}
+
+
+def _section_dict(section: Any) -> dict[str, Any]:
+    out = {}
+    for f in fields(section):
+        value = getattr(section, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+# --- typing of values --------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _type_name(args[0])
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the field type `tp`; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a {_type_name(tp)}, got {value!r}")
+        item = typing.get_args(tp)[0]
+        return tuple(_coerce(key, v, item) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _parse_override_value(text: str) -> Any:
+    """TOML syntax for the value (1, 0.5, true, [1, 2], "x"); anything else is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+# --- building a config -------------------------------------------------------------------
+
+
+def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
+    """Build a validated Config from nested dicts (TOML tables)."""
+    sections: dict[str, Any] = {}
+    for name, body in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(
+                f"{origin}: unknown section [{name}]{did_you_mean(name, list(SECTIONS))}"
+            )
+        if not isinstance(body, dict):
+            raise ConfigError(f"{origin}: [{name}] must be a table of keys")
+        sections[name] = body
+    built = {}
+    for name, cls in SECTIONS.items():
+        body = sections.get(name, {})
+        hints = typing.get_type_hints(cls)
+        known = [f.name for f in fields(cls)]
+        kwargs = {}
+        for key, value in body.items():
+            if key not in known:
+                raise ConfigError(
+                    f"unknown key {name}.{key}{did_you_mean(key, known)}"
+                )
+            kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        built[name] = cls(**kwargs)
+    cfg = Config(**built)
+    if not cfg.data.root:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=default_data_root()))
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings to nested dicts (typed later by `from_dict`)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.key=value, got '{item}'")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"--set expects section.key=value, got '{item}'")
+        section, key = parts
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"unknown section '{section}' in --set {dotted}"
+                f"{did_you_mean(section, list(SECTIONS))}"
+            )
+        table = out.setdefault(section, {})
+        table[key] = _parse_override_value(text.strip())
+        # keep and ticket_density are alternatives: setting one on the command line
+        # replaces the other given in the file.
+        if section == "search" and key in ("keep", "ticket_density"):
+            other = "ticket_density" if key == "keep" else "keep"
+            table.pop(other, None)
+    return out
+
+
+def packaged_config_dir() -> Path:
+    """configs/ of the source tree, or of the installed package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if candidate.is_dir():
+            return candidate
+    return here / "configs"
+
+
+def resolve_config_path(path: str | os.PathLike[str]) -> Path:
+    """A config path as given, else the packaged config of that file name."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    packaged = packaged_config_dir() / p.name
+    if packaged.is_file():
+        return packaged
+    raise ConfigError(f"config file not found: {path}")
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = resolve_config_path(path)
+    try:
+        with open(p, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a TOML config (or the defaults), apply `--set` overrides, validate."""
+    raw = read_toml(path) if path is not None else {}
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(raw, origin=str(path) if path else "config")
+
+
+# --- validation ----------------------------------------------------------------------------
+
+CHOICES = {
+    ("model", "init_scale"): ("none", "source", "ticket"),
+    ("search", "scope"): ("layer", "global"),
+    ("run", "device"): ("auto", "cpu", "cuda"),
+}
+
+
+def _check_density(key: str, value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"{key} must be in (0, 1], got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for the first impossible value; registries name unknown names."""
+    # Imports here: the registries live with the code they register, which imports config.
+    from slt import data, models, scorers, source
+
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(
+                f"{section}.{key} must be one of {', '.join(allowed)}, got '{value}'"
+                f"{did_you_mean(str(value), list(allowed))}"
+            )
+    data.DATASETS.get(cfg.data.name)
+    models.MODELS.get(cfg.model.name)
+    source.INITS.get(cfg.model.init)
+    scorers.SCORERS.get(cfg.search.scorer)
+    if cfg.source.scheme != "custom":
+        source.SCHEMES.get(cfg.source.scheme)
+    elif not cfg.source.layer_densities:
+        raise ConfigError("source.scheme = 'custom' needs source.layer_densities")
+    if cfg.source.layer_densities and cfg.source.scheme != "custom":
+        raise ConfigError("source.layer_densities is only used with source.scheme = 'custom'")
+    for i, d in enumerate(cfg.source.layer_densities):
+        _check_density(f"source.layer_densities[{i}]", d)
+
+    _check_density("source.density", cfg.source.density)
+    s = cfg.search
+    if (s.keep is None) == (s.ticket_density is None):
+        raise ConfigError("give exactly one of search.keep and search.ticket_density")
+    if s.keep is not None:
+        _check_density("search.keep", s.keep)
+    if s.ticket_density is not None:
+        _check_density("search.ticket_density", s.ticket_density)
+        if s.ticket_density > cfg.source.density + 1e-12:
+            raise ConfigError(
+                f"search.ticket_density ({s.ticket_density}) cannot exceed source.density "
+                f"({cfg.source.density}): the ticket lives inside the source"
+            )
+    if cfg.model.width <= 0:
+        raise ConfigError(f"model.width must be positive, got {cfg.model.width}")
+    if any(h <= 0 for h in cfg.model.hidden):
+        raise ConfigError("model.hidden sizes must be positive")
+    positive = {
+        "search.epochs": s.epochs, "search.batch_size": s.batch_size,
+        "search.eval_batch_size": s.eval_batch_size, "data.input_dim": cfg.data.input_dim,
+        "data.num_classes": cfg.data.num_classes, "data.teacher_hidden": cfg.data.teacher_hidden,
+        "data.train_size": cfg.data.train_size, "data.test_size": cfg.data.test_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if s.lr <= 0:
+        raise ConfigError(f"search.lr must be positive, got {s.lr}")
+    for key, value in (("search.momentum", s.momentum),
+                       ("search.label_smoothing", s.label_smoothing)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if s.weight_decay < 0 or s.warmup_epochs < 0:
+        raise ConfigError("search.weight_decay and search.warmup_epochs must be >= 0")
+    if s.warmup_epochs > s.epochs:
+        raise ConfigError(f"search.warmup_epochs ({s.warmup_epochs}) exceeds search.epochs")
+    if cfg.run.threads < 0:
+        raise ConfigError(f"run.threads must be >= 0, got {cfg.run.threads}")
+
+
+# --- serialisation and identity -----------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    """The fully resolved config as TOML (None-valued keys are left out)."""
+    lines = []
+    for section, body in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in body.items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of what the run computes (not where it runs): equal configs share a run dir."""
+    body = {
+        section: {k: v for k, v in values.items() if (section, k) not in NOT_HASHED}
+        for section, values in cfg.to_dict().items()
+    }
+    # keep/ticket_density are two spellings of one quantity: hash the derived pair.
+    body["search"]["keep"] = round(cfg.keep, 12)
+    body["search"]["ticket_density"] = round(cfg.ticket_density, 12)
+    text = json.dumps(body, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_id(cfg: Config) -> str:
+    """Readable prefix plus the config hash, e.g. mnist-mlp-d0.2-t0.1-3f9a...."""
+    return (
+        f"{cfg.data.name}-{cfg.model.name}-d{cfg.source.density:g}-t{cfg.ticket_density:.4g}"
+        f"-{config_hash(cfg)}"
+    )
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(key, default, help) for every config key, for docs and `slt config keys`."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            rows.append((f"{section}.{f.name}", repr(default), f.metadata.get("help", "")))
+    return rows
