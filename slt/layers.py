@@ -40,14 +40,14 @@ class MaskedLayer(nn.Module):
 
     def set_source(self, weight: Tensor, source_mask: Tensor, searched: bool) -> None:
         """Install the frozen weights and the source mask (both of `weight_shape`)."""
-        if tuple(weight.shape) != self.weight_shape or tuple(source_mask.shape) != self.weight_shape:
+        if self.weight_shape != tuple(weight.shape) or self.weight_shape != tuple(source_mask.shape):
             raise ValueError(f"expected weight and mask of shape {self.weight_shape}")
         idx = source_mask.reshape(-1).nonzero().squeeze(1)
         self.src_idx = idx
         self.weight_src = weight.reshape(-1)[idx].contiguous()
         self.dense_source = idx.numel() == self.numel
         self.searched = searched
-        self.effective_src = None if searched else self.weight_src
+        self.effective_src = None
 
     def source_mask(self) -> Tensor:
         """Boolean mask of the source edges, in the weight's shape."""
@@ -63,6 +63,8 @@ class MaskedLayer(nn.Module):
         return full.view(self.weight_shape)
 
     def weight(self) -> Tensor:
+        if not self.searched:  # dense, frozen layer: read the buffer (follows .to(device))
+            return self.expand(self.weight_src)
         if self.effective_src is None:
             raise RuntimeError("masked layer used before its network set the effective weights")
         return self.expand(self.effective_src)

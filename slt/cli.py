@@ -1,0 +1,142 @@
+"""Command line: `slt SUBCOMMAND ...` (and `python run.py ...`, the same thing).
+
+Every user mistake (config, data, ticket) ends as one `slt: error: ...` line on stderr
+and exit code 2, before any file is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from slt import __version__
+from slt.errors import SltError
+
+QUICK_CONFIG = "quick.toml"
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="TOML config (a path, or the name of a "
+                   "packaged config such as mnist_lenet.toml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set source.density=0.2 (repeatable)")
+
+
+def _load(args: argparse.Namespace):  # -> Config
+    from slt import config
+
+    return config.load(args.config, args.overrides)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from slt.search import run_search
+
+    cfg = _load(args)
+    if args.no_progress:
+        import dataclasses
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, progress=False))
+    run_search(cfg, args.out, embed_weights=args.embed_weights)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from slt import ticket as ticket_io
+    from slt.config import apply_overrides, from_dict
+    from slt.data import Batches, load_data
+    from slt.search import evaluate, resolve_device
+
+    ticket = ticket_io.load(args.ticket)
+    cfg = from_dict(apply_overrides(ticket.config.to_dict(), args.overrides), str(args.ticket))
+    ticket = dataclasses.replace(ticket, config=cfg)
+    device = resolve_device(args.device or cfg.run.device)
+    splits = load_data(cfg.data)
+    net = ticket_io.rebuild(ticket, splits.spec, device)
+    loss, acc = evaluate(net, Batches(splits, device), cfg.search.eval_batch_size)
+    dens = ticket.header["densities"]
+    recorded = ticket.metrics.get("test_acc")
+    print(f"ticket {args.ticket}")
+    print(f"  source density {dens['source_density']:.4f} ({dens['n_source']} of "
+          f"{dens['n_prunable']} prunable weights)")
+    print(f"  ticket density {dens['ticket_density']:.4f} absolute, {dens['keep']:.4f} of the "
+          f"source ({dens['n_ticket']} weights)")
+    line = f"  test accuracy {acc:.4f}  loss {loss:.4f}"
+    if recorded is not None:
+        same = "same" if abs(recorded - acc) < 1e-12 else "DIFFERENT"
+        line += f"  (run recorded {recorded:.4f}: {same})"
+    print(line)
+    if args.json:
+        print(json.dumps({"test_acc": acc, "test_loss": loss, "recorded_test_acc": recorded}))
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from slt.config import run_id, to_toml
+
+    cfg = _load(args)
+    print(f"# run id: {run_id(cfg)}")
+    print(f"# ticket density {cfg.ticket_density:.6g} absolute, keep {cfg.keep:.6g} of the source")
+    print(to_toml(cfg), end="")
+    return 0
+
+
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    from slt.config import describe
+
+    for key, default, text in describe():
+        print(f"{key:28s} {default:22s} {text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slt", description="Strong-lottery-ticket search inside random sparse sources.")
+    parser.add_argument("--version", action="version", version=f"slt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("search", help="search a ticket for one config")
+    _add_config_args(p)
+    p.add_argument("--out", default="runs", help="folder of run directories (default: runs)")
+    p.add_argument("--embed-weights", action="store_true",
+                   help="store the weights in ticket.slt (portable across torch versions)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("eval", help="rebuild a saved ticket and report its test accuracy")
+    p.add_argument("ticket", help="a ticket.slt file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the ticket's config, e.g. --set data.root=PATH")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="device (default: the run's)")
+    p.add_argument("--json", action="store_true", help="also print the result as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("config", help="inspect configs")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    c = csub.add_parser("show", help="print the fully resolved config")
+    _add_config_args(c, required=False)
+    c.set_defaults(func=cmd_config_show)
+    c = csub.add_parser("keys", help="list every config key with its default and help")
+    c.set_defaults(func=cmd_config_keys)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # the offline default: a quick search on the planted-teacher task
+        argv = ["search", "--config", QUICK_CONFIG]
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SltError as exc:
+        print(f"slt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slt: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Build the searchable network: model -> source mask -> frozen weights -> scores.
+
+`SltNetwork` wraps the architecture and asks the scorer for all effective weights once
+per forward pass, because global top-k needs every layer's scores at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from slt.config import Config
+from slt.errors import ConfigError
+from slt.layers import MaskedLayer, masked_layers
+from slt.models import build_model
+from slt.scorers import Budget, Scorer, create_scorer
+from slt.source import generator, init_weight, nested_mask, source_counts
+from slt.spec import DataSpec
+
+
+def count_of(fraction: float, n: int) -> int:
+    """round(fraction * n), halves rounded up (Python's round() rounds halves to even)."""
+    return int(math.floor(fraction * n + 0.5))
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    index: int
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    searched: bool
+    n_source: int
+
+
+class SltNetwork(nn.Module):
+    """The architecture plus the scorer and the ticket budget."""
+
+    def __init__(self, body: nn.Module, scorer: Scorer, budget: Budget, infos: list[LayerInfo]):
+        super().__init__()
+        self.body = body
+        self.scorer = scorer
+        self.budget = budget
+        self.infos = infos
+        self.fixed = False
+
+    @property
+    def all_layers(self) -> list[MaskedLayer]:
+        return masked_layers(self.body)
+
+    @property
+    def searched_layers(self) -> list[MaskedLayer]:
+        return [layer for layer in self.all_layers if layer.searched]
+
+    def refresh(self) -> None:
+        """Recompute every searched layer's effective weights from the current scores."""
+        layers = self.searched_layers
+        for layer, eff in zip(layers, self.scorer.effective_weights(layers, self.budget)):
+            layer.effective_src = eff
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fixed:
+            self.refresh()
+        return self.body(x)
+
+    def ticket_masks(self) -> list[Tensor]:
+        """Compact boolean ticket mask of each searched layer (over its source edges)."""
+        return self.scorer.ticket_masks(self.searched_layers, self.budget)
+
+    def fix_masks(self, masks: Sequence[Tensor]) -> None:
+        """Freeze the network on given ticket masks (evaluating a saved ticket)."""
+        layers = self.searched_layers
+        if len(masks) != len(layers):
+            raise ValueError(f"{len(masks)} masks for {len(layers)} searched layers")
+        for layer, mask in zip(layers, masks):
+            if mask.numel() != layer.n_source:
+                raise ValueError("ticket mask does not match the layer's source edges")
+            layer.effective_src = self.scorer.fixed_weights(layer, mask.to(layer.weight_src.device))
+        self.fixed = True
+
+    def densities(self, masks: Sequence[Tensor] | None = None) -> dict:
+        """Source and ticket densities, absolute (of all searched weights) and relative."""
+        masks = self.ticket_masks() if masks is None else masks
+        searched = [i for i in self.infos if i.searched]
+        n_total = sum(i.numel for i in searched)
+        n_source = sum(i.n_source for i in searched)
+        kept = [int(m.sum()) for m in masks]
+        layers = []
+        for info, k in zip(searched, kept):
+            layers.append({
+                "name": info.name, "shape": list(info.shape), "numel": info.numel,
+                "n_source": info.n_source, "n_ticket": k,
+                "source_density": info.n_source / info.numel,
+                "ticket_density": k / info.numel,
+                "keep": k / info.n_source if info.n_source else 0.0,
+            })
+        n_ticket = sum(kept)
+        return {
+            "n_prunable": n_total, "n_source": n_source, "n_ticket": n_ticket,
+            "source_density": n_source / n_total, "ticket_density": n_ticket / n_total,
+            "keep": n_ticket / n_source if n_source else 0.0,
+            "dense_layers": [i.name for i in self.infos if not i.searched],
+            "layers": layers,
+        }
+
+
+def _budget(cfg: Config, source: list[int], sizes: list[int]) -> tuple[Budget, float]:
+    """Ticket counts per layer and in total, and the relative keep used for them."""
+    n_total, n_source = sum(sizes), sum(source)
+    if cfg.search.keep is not None:
+        keep = cfg.search.keep
+        ticket_density = keep * n_source / n_total if cfg.source.scheme == "custom" else (
+            keep * cfg.source.density)
+    else:
+        ticket_density = cfg.search.ticket_density  # type: ignore[assignment]
+        # A custom list sets its own density; the named schemes aim at source.density.
+        base = n_source / n_total if cfg.source.scheme == "custom" else cfg.source.density
+        keep = ticket_density / base
+    total_k = count_of(ticket_density, n_total)
+    if total_k > n_source or keep > 1 + 1e-9:
+        raise ConfigError(
+            f"the ticket ({total_k} edges) cannot exceed the source ({n_source} edges)"
+        )
+    layer_k = tuple(min(n, count_of(keep, n)) for n in source)
+    return Budget(cfg.search.scope, layer_k, total_k), keep
+
+
+def build_network(cfg: Config, spec: DataSpec) -> SltNetwork:
+    """The network of a run on CPU: weights from run.seed, source from source.seed."""
+    body = build_model(cfg.model, spec)
+    names = {id(m): n for n, m in body.named_modules()}
+    layers = masked_layers(body)
+    if not layers:
+        raise ConfigError(f"model {cfg.model.name} has no prunable layers")
+    last = len(layers) - 1
+    searched = [
+        not ((i == 0 and cfg.model.first_layer_dense) or (i == last and cfg.model.last_layer_dense))
+        for i in range(len(layers))
+    ]
+    if not any(searched):
+        raise ConfigError("first_layer_dense and last_layer_dense leave no layer to search")
+    search_layers = [layer for layer, s in zip(layers, searched) if s]
+    shapes = [layer.weight_shape for layer in search_layers]
+    counts = iter(source_counts(
+        cfg.source.scheme, shapes, cfg.source.density, cfg.source.layer_densities
+    ))
+    src = [next(counts) if s else layer.numel for layer, s in zip(layers, searched)]
+    budget, keep = _budget(
+        cfg, [c for c, s in zip(src, searched) if s], [layer.numel for layer in search_layers]
+    )
+
+    scorer = create_scorer(cfg.search.scorer)
+    infos = []
+    for i, (layer, is_searched, n_src) in enumerate(zip(layers, searched, src)):
+        mask = (nested_mask(layer.weight_shape, n_src, cfg.source.seed, i) if is_searched
+                else torch.ones(layer.weight_shape, dtype=torch.bool))
+        scale = {
+            "none": 1.0,
+            "source": n_src / layer.numel,
+            "ticket": keep * n_src / layer.numel,
+        }[cfg.model.init_scale] if is_searched else 1.0
+        weight = init_weight(cfg.model.init, layer.weight_shape, cfg.run.seed, i, scale)
+        layer.set_source(weight, mask, is_searched)
+        if is_searched:
+            scores = scorer.init_scores(layer, generator("scores", cfg.run.seed, i))
+            layer.scores = nn.Parameter(scores)
+        infos.append(LayerInfo(i, names[id(layer)], layer.weight_shape, layer.numel,
+                               is_searched, layer.n_source))
+    return SltNetwork(body, scorer, budget, infos)

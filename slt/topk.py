@@ -1,0 +1,85 @@
+"""The top-k mask op: exactly k ones per segment, ties to the lower index.
+
+Every scoring rule selects through this module, so a faster backend (a CUDA kernel)
+speeds up all of them; nothing outside this module knows which backend ran.
+
+The torch path avoids a full sort: `torch.kthvalue` finds the k-th largest value by
+selection (O(n)), then one comparison pass and one cumulative sum over the entries
+equal to the threshold resolve ties by index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _check_finite(values: Tensor) -> None:
+    # min and max are NaN/inf exactly when some entry is, and cost far less than isfinite().all().
+    if values.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(values))).all()):
+        bad = int((~torch.isfinite(values)).nonzero()[0, 0])
+        raise ValueError(f"non-finite score at flat index {bad}: {values.reshape(-1)[bad].item()}")
+
+
+def _select(values: Tensor, k: int) -> Tensor:
+    """Mask of one 1-D finite segment: the k largest, lower index first among equals."""
+    n = values.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=values.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=values.device)
+    # -0.0 and +0.0 compare equal, so both are one value for the tie rule.
+    threshold = torch.kthvalue(values, n - k + 1).values
+    keep = values >= threshold
+    if int(keep.sum()) == k:  # no surplus tie at the threshold: the common case
+        return keep
+    above = values > threshold
+    need = k - int(above.sum())
+    at = keep & ~above
+    return above | (at & (torch.cumsum(at, 0, dtype=torch.int32) <= need))
+
+
+def topk_mask(values: Tensor, k: int) -> Tensor:
+    """Boolean mask (same shape as `values`) of its k largest entries, ties to lower index."""
+    flat = values.reshape(-1)
+    if not 0 <= k <= flat.numel():
+        raise ValueError(f"k={k} outside [0, {flat.numel()}]")
+    _check_finite(flat)
+    return _select(flat, k).view(values.shape)
+
+
+def segmented_topk_mask(values: Tensor, offsets: Sequence[int], ks: Sequence[int]) -> Tensor:
+    """Top-k mask of each segment `values[offsets[i]:offsets[i+1]]` with k = ks[i].
+
+    `values` is one flat buffer (e.g. |scores| of every layer); `offsets` has one more
+    entry than `ks` and ends at `values.numel()`. One segment spanning everything is
+    global top-k.
+    """
+    if values.dim() != 1:
+        raise ValueError("segmented_topk_mask expects a flat 1-D buffer")
+    if len(offsets) != len(ks) + 1 or offsets[0] != 0 or offsets[-1] != values.numel():
+        raise ValueError("offsets must start at 0, end at values.numel(), one more than ks")
+    for i, k in enumerate(ks):
+        size = offsets[i + 1] - offsets[i]
+        if size < 0:
+            raise ValueError(f"segment {i} has negative size")
+        if not 0 <= k <= size:
+            raise ValueError(f"segment {i}: k={k} outside [0, {size}]")
+    _check_finite(values)
+    out = torch.empty(values.numel(), dtype=torch.bool, device=values.device)
+    for i, k in enumerate(ks):
+        lo, hi = offsets[i], offsets[i + 1]
+        out[lo:hi] = _select(values[lo:hi], k)
+    return out
+
+
+def reference_sort_mask(values: Tensor, k: int) -> Tensor:
+    """The edge-popup reference pattern (a full sort), kept as the oracle for tests and
+    as the baseline in benchmarks. Stable sort gives the same tie rule."""
+    flat = values.reshape(-1)
+    order = torch.sort(flat, descending=True, stable=True).indices
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[order[:k]] = True
+    return mask.view(values.shape)

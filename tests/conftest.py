@@ -1,0 +1,32 @@
+"""Shared fixtures: where the real datasets are, and tiny configs for end-to-end runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data beside the repository; tests that need it skip when it is absent."""
+    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (MNIST/raw)")
+    return SHARED_DATA
+
+
+TINY = [
+    "data.name=planted_teacher", "data.input_dim=8", "data.num_classes=3",
+    "data.teacher_hidden=16", "data.train_size=256", "data.test_size=128",
+    "model.name=mlp", "model.hidden=[16, 16]", "search.epochs=3", "search.batch_size=64",
+    "search.ticket_density=0.25", "source.density=0.5", "run.progress=false",
+]
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    """Overrides of a run that takes well under a second on a CPU."""
+    return list(TINY)
