@@ -40,7 +40,7 @@ class MaskedLayer(nn.Module):
 
     def set_source(self, weight: Tensor, source_mask: Tensor, searched: bool) -> None:
         """Install the frozen weights and the source mask (both of `weight_shape`)."""
-        if self.weight_shape != tuple(weight.shape) or self.weight_shape != tuple(source_mask.shape):
+        if {tuple(weight.shape), tuple(source_mask.shape)} != {self.weight_shape}:
             raise ValueError(f"expected weight and mask of shape {self.weight_shape}")
         idx = source_mask.reshape(-1).nonzero().squeeze(1)
         self.src_idx = idx

@@ -18,7 +18,8 @@ from slt.errors import ConfigError
 from slt.layers import MaskedLayer, masked_layers
 from slt.models import build_model
 from slt.scorers import Budget, Scorer, create_scorer
-from slt.source import generator, init_weight, nested_mask, source_counts
+from slt.seeding import generator
+from slt.source import init_weight, nested_mask, source_counts
 from slt.spec import DataSpec
 
 

@@ -129,22 +129,28 @@ def run_search(
     for epoch in range(start_epoch + 1, s.epochs + 1):
         t0 = time.perf_counter()
         net.train()
-        loss_sum, correct, seen = 0.0, 0, 0
+        # Running sums stay on the device: no host sync per step (only for the bar's text).
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
         bar = tqdm(batches.train_epoch(epoch, s.batch_size, cfg.run.seed), total=steps_per_epoch,
                    desc=f"epoch {epoch}/{s.epochs}", disable=not cfg.run.progress,
                    leave=False, dynamic_ncols=True)
-        for x, y in bar:
+        for step, (x, y) in enumerate(bar):
             out = net(x)
             loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            loss_sum += float(loss) * y.numel()
-            correct += int((out.argmax(1) == y).sum())
+            loss_sum += loss.detach() * y.numel()
+            correct += (out.argmax(1) == y).sum()
             seen += y.numel()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            if cfg.run.progress and step % 25 == 0:
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}",
+                                acc=f"{int(correct) / seen:.3f}")
         bar.close()
+        loss_sum, correct = float(loss_sum), int(correct)
         test_loss, test_acc = evaluate(net, batches, s.eval_batch_size)
         epoch_time = time.perf_counter() - t0
         elapsed += epoch_time

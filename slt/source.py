@@ -8,7 +8,6 @@ layer. So for one seed the source at d=0.2 is a subset of the one at d=0.5, and 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from slt.errors import ConfigError
 from slt.registry import Registry
+from slt.seeding import generator
 
 Shape = tuple[int, ...]
 SchemeFn = Callable[[Sequence[Shape], float], list[float]]
@@ -24,18 +24,6 @@ InitFn = Callable[[Shape, int, float, torch.Generator], Tensor]
 
 SCHEMES: Registry[SchemeFn] = Registry("layerwise scheme")
 INITS: Registry[InitFn] = Registry("weight init")
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from a tuple of parts, stable across Python and torch versions."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def generator(*parts: int | str) -> torch.Generator:
-    """A CPU generator for one purpose (e.g. ('weights', seed, layer)): CPU draws make
-    weights and masks identical whatever device the run uses."""
-    return torch.Generator().manual_seed(derive_seed(*parts))
 
 
 # --- layerwise schemes ---------------------------------------------------------------------

@@ -1,0 +1,111 @@
+"""Config loading, overrides, validation messages, hashing."""
+
+from __future__ import annotations
+
+import pytest
+
+from slt import config
+from slt.errors import ConfigError
+
+
+def test_defaults_need_a_ticket_size() -> None:
+    with pytest.raises(ConfigError, match="exactly one of search.keep and search.ticket_density"):
+        config.load()
+
+
+def test_overrides_are_typed_by_field() -> None:
+    cfg = config.load(None, ["search.keep=0.5", "source.density=1", "model.hidden=[10, 20]",
+                             "model.first_layer_dense=true", "data.name=planted_teacher",
+                             "search.epochs=3", "model.init=signed_constant"])
+    assert cfg.source.density == 1.0 and isinstance(cfg.source.density, float)
+    assert cfg.model.hidden == (10, 20)
+    assert cfg.model.first_layer_dense is True
+    assert cfg.search.epochs == 3
+    assert cfg.model.init == "signed_constant"
+
+
+def test_keep_and_ticket_density_derive_each_other() -> None:
+    a = config.load(None, ["source.density=0.2", "search.ticket_density=0.1"])
+    b = config.load(None, ["source.density=0.2", "search.keep=0.5"])
+    assert a.keep == pytest.approx(0.5) and b.ticket_density == pytest.approx(0.1)
+    assert config.config_hash(a) == config.config_hash(b)
+
+
+def test_set_on_command_line_replaces_the_other_spelling(tmp_path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[search]\nkeep = 0.5\n")
+    cfg = config.load(path, ["search.ticket_density=0.3"])
+    assert cfg.search.keep is None and cfg.search.ticket_density == 0.3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["search.kep=0.5"], "unknown key search.kep (did you mean 'keep'?)"),
+        (["serch.keep=0.5"],
+         "unknown section 'serch' in --set serch.keep (did you mean 'search'?)"),
+        (["search.keep=0.5", "search.epochs=ten"], "search.epochs: expected int, got 'ten'"),
+        (["search.keep=0.5", "source.density=1.5"], "source.density must be in (0, 1], got 1.5"),
+        (["search.keep=0.5", "source.density=0"], "source.density must be in (0, 1], got 0.0"),
+        (["source.density=0.2", "search.ticket_density=0.3"],
+         "search.ticket_density (0.3) cannot exceed source.density (0.2)"),
+        (["search.keep=0.5", "model.name=resnet19"], "unknown model 'resnet19' (did you mean"),
+        (["search.keep=0.5", "source.scheme=ekr"], "unknown layerwise scheme 'ekr' (did you mean"),
+        (["search.keep=0.5", "search.scope=glob"], "search.scope must be one of layer, global"),
+        (["search.keep=0.5", "model.init=kaiming"], "unknown weight init 'kaiming'"),
+        (["search.keep=0.5", "data.name=mnsit"], "unknown dataset 'mnsit' (did you mean 'mnist'?)"),
+        (["search.keep=0.5", "search.keep=0.5", "source.scheme=custom"],
+         "source.scheme = 'custom' needs source.layer_densities"),
+        (["search.keep=0.5", "model.width=0"], "model.width must be positive"),
+        (["search.keep=0.5", "search.scorer=edgepopup"], "unknown scorer 'edgepopup'"),
+        (["search.keep"], "--set expects section.key=value"),
+    ],
+)
+def test_each_mistake_is_one_clear_line(overrides, message) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(None, overrides)
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_unknown_key_in_file(tmp_path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[source]\ndensty = 0.5\n")
+    expected = r"unknown key source.densty \(did you mean 'density'\?\)"
+    with pytest.raises(ConfigError, match=expected):
+        config.load(path)
+
+
+def test_bad_toml(tmp_path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[source\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(path)
+
+
+def test_packaged_configs_load_by_name() -> None:
+    for name in ("quick.toml", "mnist_lenet.toml", "cifar10_conv4.toml"):
+        cfg = config.load(name)
+        assert 0 < cfg.ticket_density <= cfg.source.density
+
+
+def test_toml_round_trip_and_hash(tmp_path) -> None:
+    cfg = config.load("mnist_lenet.toml", ["source.scheme=erk", "source.density=0.5"])
+    path = tmp_path / "resolved.toml"
+    path.write_text(config.to_toml(cfg))
+    again = config.load(path)
+    assert again == cfg
+    assert config.run_id(again) == config.run_id(cfg)
+    other = config.load("mnist_lenet.toml", ["source.scheme=erk", "source.density=0.4"])
+    assert config.config_hash(other) != config.config_hash(cfg)
+    moved = config.load("mnist_lenet.toml", ["source.scheme=erk", "source.density=0.5",
+                                             "data.root=/elsewhere", "run.device=cpu"])
+    assert config.config_hash(moved) == config.config_hash(cfg)  # where it runs is not hashed
+
+
+def test_data_root_defaults_to_env(monkeypatch) -> None:
+    monkeypatch.setenv("SLT_DATA", "/some/where")
+    assert config.load(None, ["search.keep=0.5"]).data.root == "/some/where"
+    monkeypatch.delenv("SLT_DATA")
+    assert config.load(None, ["search.keep=0.5"]).data.root == "./data"
