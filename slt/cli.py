@@ -91,6 +91,16 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_topk(args: argparse.Namespace) -> int:
+    from slt.bench import LAYER_SETS, run_topk_bench
+
+    for name in args.layers:
+        if name not in LAYER_SETS:
+            raise SltError(f"unknown layer set '{name}'; known: {', '.join(LAYER_SETS)}")
+    run_topk_bench(args.layers, args.keep, args.repeats, args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slt", description="Strong-lottery-ticket search inside random sparse sources.")
@@ -120,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_config_show)
     c = csub.add_parser("keys", help="list every config key with its default and help")
     c.set_defaults(func=cmd_config_keys)
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    b = bsub.add_parser("topk", help="top-k masking: slt.topk against per-layer sort and topk")
+    b.add_argument("--layers", nargs="+", default=["lenet-300-100", "conv6", "resnet18"],
+                   help="layer sets: prunable layers of these models")
+    b.add_argument("--keep", nargs="+", type=float, default=[0.5, 0.1])
+    b.add_argument("--repeats", type=int, default=15)
+    b.add_argument("--json", help="also write the rows to this JSON file")
+    b.set_defaults(func=cmd_bench_topk)
     return parser
 
 
