@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from slt.data import Batches, load_data
 
 from slt import config, ticket
+from slt.data import Batches, load_data
 from slt.errors import TicketError
 from slt.search import evaluate, run_search
 
