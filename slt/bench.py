@@ -18,7 +18,7 @@ from torch import Tensor
 from slt.config import ModelConfig
 from slt.layers import masked_layers
 from slt.models import build_model
-from slt.network import count_of
+from slt.source import count_of
 from slt.spec import DataSpec
 from slt.topk import segmented_topk_mask
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -50,11 +51,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from slt.search import evaluate, resolve_device
 
     ticket = ticket_io.load(args.ticket)
-    cfg = from_dict(apply_overrides(ticket.config.to_dict(), args.overrides), str(args.ticket))
+    overrides = list(args.overrides)
+    if os.environ.get("SLT_DATA") and not any(o.startswith("data.root=") for o in overrides):
+        overrides.insert(0, f"data.root={os.environ['SLT_DATA']}")  # this machine's data
+    cfg = from_dict(apply_overrides(ticket.config.to_dict(), overrides), str(args.ticket))
     ticket = dataclasses.replace(ticket, config=cfg)
     device = resolve_device(args.device or cfg.run.device)
     splits = load_data(cfg.data)
-    net = ticket_io.rebuild(ticket, splits.spec, device)
+    net = ticket_io.rebuild(ticket, device)
     loss, acc = evaluate(net, Batches(splits, device), cfg.search.eval_batch_size)
     dens = ticket.header["densities"]
     recorded = ticket.metrics.get("test_acc")
@@ -111,14 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", default="runs", help="folder of run directories (default: runs)")
     p.add_argument("--embed-weights", action="store_true",
-                   help="store the weights in ticket.slt (portable across torch versions)")
+                   help="store the weights in ticket.slt (portable across torch versions); "
+                   "on a finished run, rewrites its ticket that way")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("eval", help="rebuild a saved ticket and report its test accuracy")
     p.add_argument("ticket", help="a ticket.slt file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the ticket's config, e.g. --set data.root=PATH")
+                   help="override a key of the ticket's config, e.g. --set data.root=PATH "
+                   "(default data.root: $SLT_DATA when set, else the run's)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="device (default: the run's)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
     p.set_defaults(func=cmd_eval)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import types
@@ -71,7 +72,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class SourceConfig:
     density: float = _f(1.0, "source density d: fraction of prunable weights in the random source")
-    scheme: str = _f("uniform", "layerwise scheme: uniform, er, erk, balanced, pyramidal, custom")
+    scheme: str = _f("uniform", "layerwise scheme: uniform, er, erk, balanced, pyramidal, custom "
+                     "(custom ignores density and needs search.keep)")
     layer_densities: tuple[float, ...] = _f((), "custom scheme: one density per searched layer")
     seed: int = _f(0, "seed of the source mask (edge priorities); weights do not depend on it")
 
@@ -79,7 +81,8 @@ class SourceConfig:
 @dataclass(frozen=True)
 class SearchConfig:
     scorer: str = _f("edge-popup", "scoring rule")
-    keep: float | None = _f(None, "fraction of source edges the ticket keeps (edge-popup's k)")
+    keep: float | None = _f(None, "fraction of source edges the ticket keeps (edge-popup's k); "
+                            "0.5 when neither keep nor ticket_density is given")
     ticket_density: float | None = _f(None, "fraction of all prunable weights the ticket keeps")
     scope: str = _f("layer", "top-k per layer (layer) or over all layers at once (global)")
     epochs: int = _f(10, "training epochs of the score search")
@@ -120,6 +123,8 @@ class Config:
 
     @property
     def ticket_density(self) -> float:
+        """Absolute ticket density aimed at (for a custom scheme: of source.density, which the
+        layer list may not match; the built network reports the real one)."""
         if self.search.ticket_density is not None:
             return self.search.ticket_density
         assert self.search.keep is not None
@@ -227,6 +232,9 @@ def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
             kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
         built[name] = cls(**kwargs)
     cfg = Config(**built)
+    if cfg.search.keep is None and cfg.search.ticket_density is None:
+        # edge-popup's default k: keep half of the source edges
+        cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, keep=0.5))
     if not cfg.data.root:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=default_data_root()))
     validate(cfg)
@@ -314,6 +322,12 @@ def validate(cfg: Config) -> None:
     # Imports here: the registries live with the code they register, which imports config.
     from slt import data, models, scorers, source
 
+    for section in SECTIONS:
+        for key, value in _section_dict(getattr(cfg, section)).items():
+            values = value if isinstance(value, list) else [value]
+            for v in values:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{section}.{key} must be a finite number, got {v}")
     for (section, key), allowed in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
@@ -329,6 +343,9 @@ def validate(cfg: Config) -> None:
         source.SCHEMES.get(cfg.source.scheme)
     elif not cfg.source.layer_densities:
         raise ConfigError("source.scheme = 'custom' needs source.layer_densities")
+    if cfg.source.scheme == "custom" and cfg.search.ticket_density is not None:
+        raise ConfigError("source.scheme = 'custom' sets its own density: give search.keep "
+                          "(the fraction of source edges kept), not search.ticket_density")
     if cfg.source.layer_densities and cfg.source.scheme != "custom":
         raise ConfigError("source.layer_densities is only used with source.scheme = 'custom'")
     for i, d in enumerate(cfg.source.layer_densities):
@@ -407,6 +424,8 @@ def config_hash(cfg: Config) -> str:
         section: {k: v for k, v in values.items() if (section, k) not in NOT_HASHED}
         for section, values in cfg.to_dict().items()
     }
+    if cfg.data.name == "imagefolder":  # the folder *is* the dataset here
+        body["data"]["root"] = str(Path(cfg.data.root).expanduser().resolve())
     # keep/ticket_density are two spellings of one quantity: hash the derived pair.
     body["search"]["keep"] = round(cfg.keep, 12)
     body["search"]["ticket_density"] = round(cfg.ticket_density, 12)
@@ -416,10 +435,11 @@ def config_hash(cfg: Config) -> str:
 
 def run_id(cfg: Config) -> str:
     """Readable prefix plus the config hash, e.g. mnist-mlp-d0.2-t0.1-3f9a...."""
-    return (
-        f"{cfg.data.name}-{cfg.model.name}-d{cfg.source.density:g}-t{cfg.ticket_density:.4g}"
-        f"-{config_hash(cfg)}"
-    )
+    if cfg.source.scheme == "custom":
+        size = f"custom-k{cfg.keep:.4g}"
+    else:
+        size = f"d{cfg.source.density:g}-t{cfg.ticket_density:.4g}"
+    return f"{cfg.data.name}-{cfg.model.name}-{size}-{config_hash(cfg)}"
 
 
 def describe() -> list[tuple[str, str, str]]:

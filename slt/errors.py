@@ -17,3 +17,7 @@ class DataError(SltError):
 
 class TicketError(SltError):
     """A ticket file that is corrupt, or cannot be rebuilt on this machine."""
+
+
+class NonFiniteScoreError(SltError, ValueError):
+    """A score is NaN or infinite: never turned into a mask silently."""

@@ -6,7 +6,6 @@ per forward pass, because global top-k needs every layer's scores at once.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,13 +18,8 @@ from slt.layers import MaskedLayer, masked_layers
 from slt.models import build_model
 from slt.scorers import Budget, Scorer, create_scorer
 from slt.seeding import generator
-from slt.source import init_weight, nested_mask, source_counts
+from slt.source import count_of, init_weight, nested_mask, source_counts
 from slt.spec import DataSpec
-
-
-def count_of(fraction: float, n: int) -> int:
-    """round(fraction * n), halves rounded up (Python's round() rounds halves to even)."""
-    return int(math.floor(fraction * n + 0.5))
 
 
 @dataclass(frozen=True)
@@ -114,20 +108,30 @@ def _budget(cfg: Config, source: list[int], sizes: list[int]) -> tuple[Budget, f
     n_total, n_source = sum(sizes), sum(source)
     if cfg.search.keep is not None:
         keep = cfg.search.keep
-        ticket_density = keep * n_source / n_total if cfg.source.scheme == "custom" else (
-            keep * cfg.source.density)
+        # A custom list sets its own source density; named schemes hit source.density.
+        base = n_source / n_total if cfg.source.scheme == "custom" else cfg.source.density
+        ticket_density = keep * base
     else:
         ticket_density = cfg.search.ticket_density  # type: ignore[assignment]
-        # A custom list sets its own density; the named schemes aim at source.density.
-        base = n_source / n_total if cfg.source.scheme == "custom" else cfg.source.density
-        keep = ticket_density / base
-    total_k = count_of(ticket_density, n_total)
-    if total_k > n_source or keep > 1 + 1e-9:
-        raise ConfigError(
-            f"the ticket ({total_k} edges) cannot exceed the source ({n_source} edges)"
-        )
+        keep = ticket_density / cfg.source.density
+    total_k = min(count_of(ticket_density, n_total), n_source)
     layer_k = tuple(min(n, count_of(keep, n)) for n in source)
     return Budget(cfg.search.scope, layer_k, total_k), keep
+
+
+def _check_layers(cfg: Config, names: list[str], source: list[int], budget: Budget) -> None:
+    """A layer with no source edges (or, per layer, no ticket edges) cuts the network."""
+    for name, n_src, k in zip(names, source, budget.layer_k):
+        if n_src == 0:
+            raise ConfigError(
+                f"source.density {cfg.source.density} with scheme {cfg.source.scheme} leaves "
+                f"layer {name} with no source edges; raise source.density or pick another scheme"
+            )
+        if cfg.search.scope == "layer" and k == 0:
+            raise ConfigError(
+                f"the ticket keeps no edge of layer {name} ({n_src} source edges at keep "
+                f"{k / n_src if n_src else 0:.3g}); raise search.keep / search.ticket_density"
+            )
 
 
 def build_network(cfg: Config, spec: DataSpec) -> SltNetwork:
@@ -150,9 +154,9 @@ def build_network(cfg: Config, spec: DataSpec) -> SltNetwork:
         cfg.source.scheme, shapes, cfg.source.density, cfg.source.layer_densities
     ))
     src = [next(counts) if s else layer.numel for layer, s in zip(layers, searched)]
-    budget, keep = _budget(
-        cfg, [c for c, s in zip(src, searched) if s], [layer.numel for layer in search_layers]
-    )
+    searched_src = [c for c, s in zip(src, searched) if s]
+    budget, keep = _budget(cfg, searched_src, [layer.numel for layer in search_layers])
+    _check_layers(cfg, [names[id(layer)] for layer in search_layers], searched_src, budget)
 
     scorer = create_scorer(cfg.search.scorer)
     infos = []

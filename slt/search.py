@@ -23,7 +23,7 @@ from tqdm import tqdm
 from slt import ticket as ticket_io
 from slt.config import Config, config_hash, run_id, to_toml
 from slt.data import Batches, load_data
-from slt.errors import ConfigError, SltError
+from slt.errors import ConfigError, NonFiniteScoreError, SltError
 from slt.fileio import atomic_torch_save, atomic_write_text
 from slt.network import SltNetwork, build_network
 
@@ -70,7 +70,14 @@ def _read_metrics(path: Path, keep_epochs: int) -> list[dict[str, Any]]:
     """Metrics of epochs already checkpointed (a line past the checkpoint is dropped)."""
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interruption
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+            rows.append(row)
     return [r for r in rows if r["epoch"] <= keep_epochs]
 
 
@@ -87,6 +94,9 @@ def run_search(
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         log(f"finished already, skipped: {run_dir}")
+        if embed_weights:
+            ticket_io.embed_weights(run_dir / "ticket.slt")
+            log(f"weights embedded in {run_dir / 'ticket.slt'}")
         return SearchResult(run_dir, "skipped", json.loads(summary_path.read_text()))
 
     device = resolve_device(cfg.run.device)
@@ -106,13 +116,23 @@ def run_search(
         optimizer, lambda step: lr_factor(step, total_steps, warmup_steps)
     )
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if device.type == "cuda":  # same ticket on resume needs deterministic convolutions
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SltError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
     atomic_write_text(run_dir / "config.toml", to_toml(cfg))
     ckpt_path = run_dir / "checkpoint.pt"
     metrics_path = run_dir / "metrics.jsonl"
     start_epoch, best_acc, best_epoch, elapsed = 0, -1.0, 0, 0.0
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        try:
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        except Exception as exc:
+            raise SltError(f"{ckpt_path} is unreadable ({type(exc).__name__}); delete it to "
+                           "restart this run from scratch") from None
         if ckpt.get("config_hash") != config_hash(cfg):
             raise SltError(f"{ckpt_path} belongs to another config; move it away to restart")
         net.body.load_state_dict(ckpt["model"])
@@ -137,7 +157,11 @@ def run_search(
                    desc=f"epoch {epoch}/{s.epochs}", disable=not cfg.run.progress,
                    leave=False, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar):
-            out = net(x)
+            try:
+                out = net(x)
+            except NonFiniteScoreError as exc:
+                raise SltError(f"epoch {epoch}: {exc}; the search diverged, lower search.lr "
+                               f"(now {s.lr})") from None
             loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -174,7 +198,7 @@ def run_search(
 
     masks = net.ticket_masks()
     dens = net.densities(masks)
-    ticket_io.save(run_dir / "ticket.slt", cfg, net, masks,
+    ticket_io.save(run_dir / "ticket.slt", cfg, splits.spec, net, masks,
                    metrics={"test_acc": test_acc, "test_loss": test_loss},
                    embed_weights=embed_weights)
     summary = {

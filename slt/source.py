@@ -19,7 +19,8 @@ from slt.registry import Registry
 from slt.seeding import generator
 
 Shape = tuple[int, ...]
-SchemeFn = Callable[[Sequence[Shape], float], list[float]]
+Curve = Callable[[float], list[float]]
+SchemeFn = Callable[[Sequence[Shape]], Curve]
 InitFn = Callable[[Shape, int, float, torch.Generator], Tensor]
 
 SCHEMES: Registry[SchemeFn] = Registry("layerwise scheme")
@@ -27,6 +28,16 @@ INITS: Registry[InitFn] = Registry("weight init")
 
 
 # --- layerwise schemes ---------------------------------------------------------------------
+#
+# A scheme is a monotone curve: t in [0, 1] -> per-layer densities, all 0 at t=0 and all 1 at
+# t=1. The source with T edges in total takes the smallest t whose rounded per-layer counts
+# reach T. Because one curve serves every density, a layer's count never falls as the
+# density rises, so sources nest, and totals are exact.
+
+
+def count_of(fraction: float, n: int) -> int:
+    """round(fraction * n) with halves rounded up (Python's round() rounds halves to even)."""
+    return int(math.floor(fraction * n + 0.5))
 
 
 def _fan_dims(shape: Shape) -> tuple[int, int]:
@@ -34,114 +45,72 @@ def _fan_dims(shape: Shape) -> tuple[int, int]:
     return shape[1], shape[0]
 
 
-def scale_to_density(factors: Sequence[float], sizes: Sequence[int], density: float) -> list[float]:
-    """d_l = min(1, eps * factor_l) with eps chosen so sum d_l n_l = density * N.
-
-    Layers clipped at 1 give their surplus to the others (as RigL's ERK does).
-    """
-    total = density * sum(sizes)
-    dense: set[int] = set()
-    while True:
-        budget = total - sum(sizes[i] for i in dense)
-        denom = sum(f * n for i, (f, n) in enumerate(zip(factors, sizes)) if i not in dense)
-        if denom <= 0:
-            return [1.0] * len(sizes)
-        eps = budget / denom
-        over = {i for i, f in enumerate(factors) if i not in dense and eps * f > 1.0}
-        if not over:
-            return [1.0 if i in dense else eps * f for i, f in enumerate(factors)]
-        dense |= over
+def _scaled(factors: Sequence[float]) -> Curve:
+    """d_l = min(1, eps * factor_l): layers clipped at 1 hand their surplus to the others
+    (as RigL's ERK does); t scales eps so that t = 1 makes every layer dense."""
+    top = 1.0 / min(factors)
+    return lambda t: [min(1.0, t * top * f) for f in factors]
 
 
 @SCHEMES.register("uniform")
-def uniform(shapes: Sequence[Shape], density: float) -> list[float]:
+def uniform(shapes: Sequence[Shape]) -> Curve:
     """Every layer at the same density."""
-    return [density] * len(shapes)
+    return lambda t: [t] * len(shapes)
 
 
 @SCHEMES.register("er")
-def erdos_renyi(shapes: Sequence[Shape], density: float) -> list[float]:
+def erdos_renyi(shapes: Sequence[Shape]) -> Curve:
     """d_l proportional to (n_in + n_out) / (n_in * n_out) (Mocanu et al. 2018)."""
-    factors = [(a + b) / (a * b) for a, b in map(_fan_dims, shapes)]
-    return scale_to_density(factors, [math.prod(s) for s in shapes], density)
+    return _scaled([(a + b) / (a * b) for a, b in map(_fan_dims, shapes)])
 
 
 @SCHEMES.register("erk")
-def erdos_renyi_kernel(shapes: Sequence[Shape], density: float) -> list[float]:
+def erdos_renyi_kernel(shapes: Sequence[Shape]) -> Curve:
     """d_l proportional to sum(dims) / prod(dims), kernel dims included (Evci et al. 2020)."""
-    factors = [sum(s) / math.prod(s) for s in shapes]
-    return scale_to_density(factors, [math.prod(s) for s in shapes], density)
+    return _scaled([sum(s) / math.prod(s) for s in shapes])
 
 
 @SCHEMES.register("balanced")
-def balanced(shapes: Sequence[Shape], density: float) -> list[float]:
+def balanced(shapes: Sequence[Shape]) -> Curve:
     """Every layer gets the same number of edges (clipped at its size)."""
-    sizes = [math.prod(s) for s in shapes]
-    return scale_to_density([1.0 / n for n in sizes], sizes, density)
+    return _scaled([1.0 / math.prod(s) for s in shapes])
 
 
 @SCHEMES.register("pyramidal")
-def pyramidal(shapes: Sequence[Shape], density: float) -> list[float]:
-    """d_l = r^l (l = 1..L) with r solving sum n_l r^l = d N, by bisection."""
-    sizes = [math.prod(s) for s in shapes]
-    target = density * sum(sizes)
-
-    def edges(r: float) -> float:
-        return sum(n * r ** (i + 1) for i, n in enumerate(sizes))
-
-    lo, hi = 0.0, 1.0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if edges(mid) < target:
-            lo = mid
-        else:
-            hi = mid
-    r = hi
-    return [min(1.0, r ** (i + 1)) for i in range(len(sizes))]
+def pyramidal(shapes: Sequence[Shape]) -> Curve:
+    """d_l = r^l (l = 1..L); r is found by the count search, so sum n_l r^l = d N."""
+    return lambda t: [t ** (i + 1) for i in range(len(shapes))]
 
 
-def layer_densities(
-    scheme: str, shapes: Sequence[Shape], density: float, custom: Sequence[float] = ()
-) -> list[float]:
-    """Real-valued per-layer densities of a scheme (custom: the user's list)."""
-    if scheme == "custom":
-        if len(custom) != len(shapes):
-            raise ConfigError(
-                f"source.layer_densities has {len(custom)} entries but the model has "
-                f"{len(shapes)} searched layers"
-            )
-        return list(custom)
-    return SCHEMES.get(scheme)(shapes, density)
+def _counts_at(curve: Curve, sizes: Sequence[int], t: float) -> list[int]:
+    return [min(n, count_of(d, n)) for d, n in zip(curve(t), sizes)]
 
 
-def allocate_counts(sizes: Sequence[int], densities: Sequence[float], total: int) -> list[int]:
-    """Integer edge counts near d_l * n_l that add up to exactly `total`.
+def allocate(curve: Curve, sizes: Sequence[int], total: int) -> list[int]:
+    """Per-layer counts on the curve that add up to exactly `total`.
 
-    Floors first, then the remaining edges go to the largest fractional parts (lower layer
-    index first on ties), never past a layer's size.
+    Bisection finds the t where the rounded counts step past `total`; the layers that step
+    there are filled in layer order. Counts are monotone in `total` (nesting).
     """
-    targets = [min(1.0, max(0.0, d)) * n for d, n in zip(densities, sizes)]
-    counts = [min(n, math.floor(t + 1e-9)) for t, n in zip(targets, sizes)]
+    if not 0 <= total <= sum(sizes):
+        raise ValueError(f"cannot place {total} edges in layers of sizes {list(sizes)}")
+    lo, hi = 0.0, 1.0
+    if sum(_counts_at(curve, sizes, hi)) < total:  # pragma: no cover - curves end dense
+        raise ValueError("scheme curve does not reach a dense network at t = 1")
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if sum(_counts_at(curve, sizes, mid)) >= total:
+            hi = mid
+        else:
+            lo = mid
+    counts = _counts_at(curve, sizes, lo)
+    upper = _counts_at(curve, sizes, hi)
     left = total - sum(counts)
-    order = sorted(range(len(sizes)), key=lambda i: (-(targets[i] - counts[i]), i))
-    while left > 0:
-        progressed = False
-        for i in order:
-            if left == 0:
-                break
-            if counts[i] < sizes[i]:
-                counts[i] += 1
-                left -= 1
-                progressed = True
-        if not progressed:
-            raise ValueError(f"cannot place {total} edges in layers of sizes {list(sizes)}")
-    while left < 0:  # only when rounding of `total` fell below the floors
-        for i in reversed(order):
-            if left == 0:
-                break
-            if counts[i] > 0:
-                counts[i] -= 1
-                left += 1
+    for i in range(len(sizes)):
+        step = min(left, upper[i] - counts[i])
+        counts[i] += step
+        left -= step
+    assert left == 0
     return counts
 
 
@@ -150,10 +119,22 @@ def source_counts(
 ) -> list[int]:
     """Exact number of source edges per layer; totals round(d * N) except for custom lists."""
     sizes = [math.prod(s) for s in shapes]
-    dens = layer_densities(scheme, shapes, density, custom)
     if scheme == "custom":
-        return [min(n, round(d * n)) for d, n in zip(dens, sizes)]
-    return allocate_counts(sizes, dens, round(density * sum(sizes)))
+        if len(custom) != len(shapes):
+            raise ConfigError(
+                f"source.layer_densities has {len(custom)} entries but the model has "
+                f"{len(shapes)} searched layers"
+            )
+        return [min(n, count_of(d, n)) for d, n in zip(custom, sizes)]
+    return allocate(SCHEMES.get(scheme)(shapes), sizes, count_of(density, sum(sizes)))
+
+
+def layer_densities(
+    scheme: str, shapes: Sequence[Shape], density: float, custom: Sequence[float] = ()
+) -> list[float]:
+    """Per-layer source densities d_l as built (edge counts over layer sizes)."""
+    counts = source_counts(scheme, shapes, density, custom)
+    return [c / math.prod(s) for c, s in zip(counts, shapes)]
 
 
 def nested_mask(shape: Shape, count: int, source_seed: int, layer_index: int) -> Tensor:

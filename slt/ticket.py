@@ -27,6 +27,7 @@ from torch import Tensor
 from slt.config import Config, config_hash, from_dict
 from slt.errors import TicketError
 from slt.fileio import atomic_write_bytes
+from slt.spec import DataSpec
 
 if TYPE_CHECKING:
     from slt.network import SltNetwork
@@ -94,6 +95,7 @@ def _unpack(data: bytes, shape: tuple[int, ...]) -> Tensor:
 def save(
     path: str | os.PathLike[str],
     cfg: Config,
+    spec: DataSpec,
     net: SltNetwork,
     masks: list[Tensor],
     metrics: dict[str, float] | None = None,
@@ -132,6 +134,7 @@ def save(
             zip(("offset", "length"), put(array.tobytes())))})
     header = {
         "format": FORMAT_VERSION, "config": cfg.to_dict(), "config_hash": config_hash(cfg),
+        "spec": {"shape": list(spec.shape), "num_classes": spec.num_classes},
         "scorer": cfg.search.scorer, "torch": torch.__version__,
         "weights_sha256": weights_digest(net), "embedded_weights": embed_weights,
         "metrics": metrics or {}, "densities": net.densities(masks),
@@ -182,30 +185,35 @@ def load(path: str | os.PathLike[str]) -> Ticket:
     return Ticket(from_dict(header["config"], origin=str(path)), header, layers, buffers)
 
 
-def rebuild(ticket: Ticket, spec: Any, device: torch.device) -> SltNetwork:
+def rebuild(ticket: Ticket, device: torch.device) -> SltNetwork:
     """The ticket's network, masks fixed, ready to evaluate.
 
-    Weights are regenerated from the seeds and checked against the stored digest; a
-    mismatch uses the embedded weights when the file has them, else it is an error.
+    A ticket with embedded weights uses its stored source masks and weights as they are
+    (the portable form). Otherwise weights and sources are regenerated from the seeds and
+    checked against the stored masks and weight digest; a mismatch is an error.
     """
     from slt.network import build_network
 
-    net = build_network(ticket.config, spec)
+    shape, classes = ticket.header["spec"]["shape"], ticket.header["spec"]["num_classes"]
+    net = build_network(ticket.config, DataSpec(tuple(shape), classes))
     layers = net.all_layers
     if len(layers) != len(ticket.layers):
         raise TicketError("the ticket's model has a different number of layers")
-    for layer, tl in zip(layers, ticket.layers):
-        if not torch.equal(layer.source_mask(), tl.source_mask):
-            raise TicketError(f"layer {tl.name}: the regenerated source mask differs from the "
-                              "ticket's (different torch version?)")
-    if weights_digest(net) != ticket.header["weights_sha256"]:
-        if not ticket.header["embedded_weights"]:
-            raise TicketError(
-                f"weights regenerated with torch {torch.__version__} differ from those of the "
-                f"run (torch {ticket.header['torch']}); save the ticket with --embed-weights "
-                "on the original machine to move it")
+    if ticket.header["embedded_weights"]:
         for layer, tl in zip(layers, ticket.layers):
             layer.set_source(tl.weight, tl.source_mask, tl.searched)
+            if tl.searched:
+                layer.scores = torch.nn.Parameter(torch.zeros(layer.n_source))
+    else:
+        moved = ("; save the ticket with --embed-weights on the original machine to move it")
+        for layer, tl in zip(layers, ticket.layers):
+            if not torch.equal(layer.source_mask(), tl.source_mask):
+                raise TicketError(f"layer {tl.name}: the regenerated source mask differs from "
+                                  f"the ticket's (torch {torch.__version__} vs "
+                                  f"{ticket.header['torch']}){moved}")
+        if weights_digest(net) != ticket.header["weights_sha256"]:
+            raise TicketError(f"weights regenerated with torch {torch.__version__} differ from "
+                              f"those of the run (torch {ticket.header['torch']}){moved}")
     state = net.body.state_dict()
     for name, value in ticket.buffers.items():
         state[name] = value.to(state[name].dtype)
@@ -213,3 +221,14 @@ def rebuild(ticket: Ticket, spec: Any, device: torch.device) -> SltNetwork:
     net = net.to(device)
     net.fix_masks(ticket.compact_masks())
     return net
+
+
+def embed_weights(path: str | os.PathLike[str]) -> None:
+    """Rewrite a ticket file in the portable form, with its weights stored."""
+    ticket = load(path)
+    if ticket.header["embedded_weights"]:
+        return
+    net = rebuild(ticket, torch.device("cpu"))
+    shape, classes = ticket.header["spec"]["shape"], ticket.header["spec"]["num_classes"]
+    save(path, ticket.config, DataSpec(tuple(shape), classes), net, ticket.compact_masks(),
+         metrics=ticket.metrics, embed_weights=True)

@@ -15,12 +15,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from slt.errors import NonFiniteScoreError
+
 
 def _check_finite(values: Tensor) -> None:
     # min and max are NaN/inf exactly when some entry is, and cost far less than isfinite().all().
     if values.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(values))).all()):
         bad = int((~torch.isfinite(values)).nonzero()[0, 0])
-        raise ValueError(f"non-finite score at flat index {bad}: {values.reshape(-1)[bad].item()}")
+        value = values.reshape(-1)[bad].item()
+        raise NonFiniteScoreError(f"non-finite score at flat index {bad}: {value}")
 
 
 def _select(values: Tensor, k: int) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -96,12 +97,28 @@ def test_mnist_search_and_eval(tmp_path, shared_data) -> None:
         "final_test_acc"]
 
 
+def test_out_under_a_file_is_one_line(tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = slt("search", "--config", "configs/quick.toml", "--out", str(blocker / "runs"),
+               *sets(TINY))
+    assert proc.returncode == 2
+    assert "slt: error: cannot create run directory" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_wheel_ships_configs(tmp_path) -> None:
+    pytest.importorskip("setuptools", reason="building a wheel offline needs setuptools")
+    src = tmp_path / "src"  # build from a copy: the build leaves build/ and *.egg-info behind
+    for name in ("slt", "configs"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                           "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
+                           "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (wheel,) = tmp_path.glob("slt-*.whl")
+    (wheel,) = (tmp_path / "dist").glob("slt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for name in ("slt/configs/quick.toml", "slt/configs/mnist_lenet.toml", "slt/cli.py"):
         assert name in names

@@ -8,9 +8,10 @@ from slt import config
 from slt.errors import ConfigError
 
 
-def test_defaults_need_a_ticket_size() -> None:
-    with pytest.raises(ConfigError, match="exactly one of search.keep and search.ticket_density"):
-        config.load()
+def test_default_ticket_size_is_edge_popups_half() -> None:
+    cfg = config.load()
+    assert cfg.search.keep == 0.5 and cfg.search.ticket_density is None
+    assert config.load(None, ["search.ticket_density=0.2"]).search.keep is None
 
 
 def test_overrides_are_typed_by_field() -> None:
@@ -59,6 +60,10 @@ def test_set_on_command_line_replaces_the_other_spelling(tmp_path) -> None:
         (["search.keep=0.5", "model.width=0"], "model.width must be positive"),
         (["search.keep=0.5", "search.scorer=edgepopup"], "unknown scorer 'edgepopup'"),
         (["search.keep"], "--set expects section.key=value"),
+        (["search.lr=nan"], "search.lr must be a finite number, got nan"),
+        (["model.width=inf"], "model.width must be a finite number, got inf"),
+        (["source.scheme=custom", "source.layer_densities=[0.5]", "search.ticket_density=0.1"],
+         "give search.keep"),
     ],
 )
 def test_each_mistake_is_one_clear_line(overrides, message) -> None:
@@ -74,6 +79,13 @@ def test_unknown_key_in_file(tmp_path) -> None:
     path.write_text("[source]\ndensty = 0.5\n")
     expected = r"unknown key source.densty \(did you mean 'density'\?\)"
     with pytest.raises(ConfigError, match=expected):
+        config.load(path)
+
+
+def test_both_ticket_sizes_in_a_file(tmp_path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[search]\nkeep = 0.5\nticket_density = 0.1\n")
+    with pytest.raises(ConfigError, match="give exactly one of search.keep and search.ticket_"):
         config.load(path)
 
 

@@ -115,3 +115,29 @@ def test_custom_layer_densities() -> None:
     _, net = net_for("source.scheme=custom", "source.layer_densities=[0.5, 0.25, 1.0]",
                      "search.keep=0.5")
     assert [layer.n_source for layer in net.all_layers] == [117600, 7500, 1000]
+
+
+def test_initial_scores_belong_to_edges_not_to_sources() -> None:
+    _, dense = net_for("source.density=1.0", "search.keep=0.5")
+    _, half = net_for("source.density=0.5", "search.keep=0.5")
+    _, other = net_for("source.density=0.5", "search.keep=0.5", "source.seed=3")
+    for a, b, c in zip(dense.all_layers, half.all_layers, other.all_layers):
+        assert torch.equal(a.scores.detach()[b.src_idx], b.scores.detach())
+        assert torch.equal(a.scores.detach()[c.src_idx], c.scores.detach())
+
+
+def test_a_layer_without_source_edges_is_a_config_error() -> None:
+    from slt.errors import ConfigError
+
+    # pyramidal at 5% leaves the 10-output layer of LeNet with r^3 * 1000 < 0.5 edges
+    with pytest.raises(ConfigError, match="leaves layer .* with no source edges"):
+        net_for("source.density=0.05", "source.scheme=pyramidal", "search.keep=0.5")
+    with pytest.raises(ConfigError, match="keeps no edge of layer"):
+        net_for("source.density=1.0", "search.keep=0.0004")
+
+
+def test_ticket_as_dense_as_its_source_rounds_consistently() -> None:
+    # N = 8*15 + 15*3 = 165: round-half-up everywhere, so t = d never exceeds the source
+    cfg, net = net_for("source.density=0.1", "search.ticket_density=0.1", "model.hidden=[15]",
+                       spec=DataSpec((8,), 3))
+    assert sum(int(m.sum()) for m in net.ticket_masks()) == 17 == net.densities()["n_source"]

@@ -75,3 +75,24 @@ def test_global_scope_run(tmp_path, tiny_overrides) -> None:
     cfg = config.load(None, [*tiny_overrides, "search.scope=global"])
     summary = run_search(cfg, tmp_path, log=quiet).summary
     assert summary["n_ticket"] == round(0.25 * summary["n_prunable"])
+
+
+def test_diverged_scores_are_one_clear_error(tmp_path, tiny_overrides, monkeypatch) -> None:
+    from slt.errors import SltError
+    from slt.scorers.edge_popup import EdgePopup
+
+    monkeypatch.setattr(EdgePopup, "init_scores",
+                        lambda self, layer, gen: torch.full((layer.n_source,), float("nan")))
+    cfg = config.load(None, tiny_overrides)
+    with pytest.raises(SltError, match=r"epoch 1: non-finite score .* lower search.lr"):
+        run_search(cfg, tmp_path, log=quiet)
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path, tiny_overrides) -> None:
+    from slt.errors import SltError
+
+    cfg = config.load(None, [*tiny_overrides, "search.epochs=3"])
+    first = run_search(cfg, tmp_path, stop_after_epochs=1, log=quiet)
+    (first.run_dir / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(SltError, match="checkpoint.pt is unreadable"):
+        run_search(cfg, tmp_path, log=quiet)

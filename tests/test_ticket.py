@@ -38,7 +38,7 @@ def test_rebuilt_ticket_reproduces_the_accuracy(finished) -> None:
     cfg, result = finished
     t = ticket.load(result.run_dir / "ticket.slt")
     splits = load_data(cfg.data)
-    net = ticket.rebuild(t, splits.spec, torch.device("cpu"))
+    net = ticket.rebuild(t, torch.device("cpu"))
     _, acc = evaluate(net, Batches(splits, torch.device("cpu")), 1000)
     assert acc == result.summary["final_test_acc"]
 
@@ -56,38 +56,45 @@ def test_corruption_is_detected(finished, tmp_path) -> None:
         ticket.load(tmp_path / "not.slt")
 
 
-def _resave(t: ticket.Ticket, path, weights_sha: str) -> None:
-    """Rewrite a ticket with another weight digest (as a different torch would produce)."""
-    import hashlib
-    import json
-    import struct
+def _other_torch(monkeypatch) -> None:
+    """Pretend this torch draws different random numbers: other weights, other masks."""
+    import slt.network as network
 
-    raw = (t.header, path.read_bytes())
-    header, data = raw
-    start = len(ticket.MAGIC) + 8
-    (n,) = struct.unpack("<Q", data[len(ticket.MAGIC):start])
-    header = dict(header, weights_sha256=weights_sha)
-    head = json.dumps(header).encode()
-    body = ticket.MAGIC + struct.pack("<Q", len(head)) + head + data[start + n:-32]
-    path.write_bytes(body + hashlib.sha256(body).digest())
+    real_init, real_mask = network.init_weight, network.nested_mask
+    monkeypatch.setattr(network, "init_weight", lambda *a, **k: -real_init(*a, **k))
+    monkeypatch.setattr(network, "nested_mask",
+                        lambda shape, count, seed, index: real_mask(shape, count, seed + 99, index))
 
 
-def test_weight_mismatch_needs_embedded_weights(tmp_path, tiny_overrides) -> None:
+def _accuracy(path, cfg) -> float:
+    splits = load_data(cfg.data)
+    net = ticket.rebuild(ticket.load(path), torch.device("cpu"))
+    return evaluate(net, Batches(splits, torch.device("cpu")), 1000)[1]
+
+
+def test_other_torch_needs_embedded_weights(tmp_path, tiny_overrides, monkeypatch) -> None:
     cfg = config.load(None, tiny_overrides)
     plain = run_search(cfg, tmp_path / "p", log=quiet)
     embedded = run_search(cfg, tmp_path / "e", embed_weights=True, log=quiet)
-    splits = load_data(cfg.data)
-    for result, ok in ((plain, False), (embedded, True)):
-        path = result.run_dir / "ticket.slt"
-        t = ticket.load(path)
-        _resave(t, path, "0" * 64)
-        t = ticket.load(path)
-        if not ok:
-            with pytest.raises(TicketError, match="--embed-weights"):
-                ticket.rebuild(t, splits.spec, torch.device("cpu"))
-        else:
-            net = ticket.rebuild(t, splits.spec, torch.device("cpu"))
-            _, acc = evaluate(net, Batches(splits, torch.device("cpu")), 1000)
-            assert acc == result.summary["final_test_acc"]
-    assert (embedded.run_dir / "ticket.slt").stat().st_size > (
-        plain.run_dir / "ticket.slt").stat().st_size
+    plain_path, embedded_path = plain.run_dir / "ticket.slt", embedded.run_dir / "ticket.slt"
+    assert embedded_path.stat().st_size > plain_path.stat().st_size
+    with monkeypatch.context() as m:
+        _other_torch(m)
+        with pytest.raises(TicketError, match="--embed-weights"):
+            _accuracy(plain_path, cfg)
+        assert _accuracy(embedded_path, cfg) == embedded.summary["final_test_acc"]
+    # weights alone differing is caught by the digest
+    with monkeypatch.context() as m:
+        import slt.network as network
+
+        real = network.init_weight
+        m.setattr(network, "init_weight", lambda *a, **k: real(*a, **k) * 1.5)
+        with pytest.raises(TicketError, match="weights regenerated"):
+            _accuracy(plain_path, cfg)
+    # a finished run's ticket can be made portable afterwards
+    again = run_search(cfg, tmp_path / "p", embed_weights=True, log=quiet)
+    assert again.status == "skipped"
+    assert ticket.load(plain_path).header["embedded_weights"] is True
+    with monkeypatch.context() as m:
+        _other_torch(m)
+        assert _accuracy(plain_path, cfg) == plain.summary["final_test_acc"]

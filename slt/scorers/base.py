@@ -58,9 +58,11 @@ class Scorer(ABC):
 
     def init_scores(self, layer: MaskedLayer, gen: torch.Generator) -> Tensor:
         """Compact scores, one per source edge: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which is
-        what edge-popup's kaiming_uniform(a=sqrt(5)) gives."""
+        what edge-popup's kaiming_uniform(a=sqrt(5)) gives. Drawn for every edge of the
+        layer and then gathered, so an edge starts from the same score in every source."""
         bound = 1.0 / math.sqrt(layer.fan_in)
-        return (torch.rand(layer.n_source, generator=gen) * 2 - 1) * bound
+        dense = (torch.rand(layer.numel, generator=gen) * 2 - 1) * bound
+        return dense[layer.src_idx.cpu()]
 
     @abstractmethod
     def effective_weights(self, layers: Sequence[MaskedLayer], budget: Budget) -> list[Tensor]:
