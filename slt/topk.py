@@ -1,7 +1,10 @@
 """The top-k mask op: exactly k ones per segment, ties to the lower index.
 
-Every scoring rule selects through this module, so a faster backend (a CUDA kernel)
-speeds up all of them; nothing outside this module knows which backend ran.
+Every scoring rule selects through this module, so a faster backend speeds up all of them;
+nothing outside this module knows which backend ran. CUDA float32/float16/bfloat16 input
+goes to our kernel (kernels/segmented_topk.cu, one launch per pass for all segments) when it
+builds; everything else takes the torch path below. The op is a `torch.library` custom op,
+so it works under `torch.compile`.
 
 The torch path avoids a full sort: `torch.kthvalue` finds the k-th largest value by
 selection (O(n)), then one comparison pass and one cumulative sum over the entries
@@ -53,13 +56,7 @@ def topk_mask(values: Tensor, k: int) -> Tensor:
     return _select(flat, k).view(values.shape)
 
 
-def segmented_topk_mask(values: Tensor, offsets: Sequence[int], ks: Sequence[int]) -> Tensor:
-    """Top-k mask of each segment `values[offsets[i]:offsets[i+1]]` with k = ks[i].
-
-    `values` is one flat buffer (e.g. |scores| of every layer); `offsets` has one more
-    entry than `ks` and ends at `values.numel()`. One segment spanning everything is
-    global top-k.
-    """
+def _validate_segments(values: Tensor, offsets: Sequence[int], ks: Sequence[int]) -> None:
     if values.dim() != 1:
         raise ValueError("segmented_topk_mask expects a flat 1-D buffer")
     if len(offsets) != len(ks) + 1 or offsets[0] != 0 or offsets[-1] != values.numel():
@@ -70,12 +67,47 @@ def segmented_topk_mask(values: Tensor, offsets: Sequence[int], ks: Sequence[int
             raise ValueError(f"segment {i} has negative size")
         if not 0 <= k <= size:
             raise ValueError(f"segment {i}: k={k} outside [0, {size}]")
+
+
+def _torch_segmented(values: Tensor, offsets: Sequence[int], ks: Sequence[int]) -> Tensor:
     _check_finite(values)
     out = torch.empty(values.numel(), dtype=torch.bool, device=values.device)
     for i, k in enumerate(ks):
         lo, hi = offsets[i], offsets[i + 1]
         out[lo:hi] = _select(values[lo:hi], k)
     return out
+
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("slt::segmented_topk_mask", mutates_args=())
+def _segmented_op(values: Tensor, offsets: list[int], ks: list[int]) -> Tensor:
+    if values.is_cuda and values.dtype in KERNEL_DTYPES and values.numel():
+        from slt import cuda_topk
+
+        if cuda_topk.extension() is not None:
+            mask, error = cuda_topk.segmented_topk_mask(values, offsets, ks)
+            if bool(error.item()):
+                _check_finite(values)  # raises with the index and value
+            return mask
+    return _torch_segmented(values, offsets, ks)
+
+
+@_segmented_op.register_fake
+def _segmented_fake(values: Tensor, offsets: list[int], ks: list[int]) -> Tensor:
+    return values.new_empty(values.shape, dtype=torch.bool)
+
+
+def segmented_topk_mask(values: Tensor, offsets: Sequence[int], ks: Sequence[int]) -> Tensor:
+    """Top-k mask of each segment `values[offsets[i]:offsets[i+1]]` with k = ks[i].
+
+    `values` is one flat buffer (e.g. |scores| of every layer); `offsets` has one more
+    entry than `ks` and ends at `values.numel()`. One segment spanning everything is
+    global top-k.
+    """
+    _validate_segments(values, offsets, ks)
+    return _segmented_op(values, [int(o) for o in offsets], [int(k) for k in ks])
 
 
 def reference_sort_mask(values: Tensor, k: int) -> Tensor:

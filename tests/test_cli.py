@@ -107,10 +107,10 @@ def test_out_under_a_file_is_one_line(tmp_path) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_wheel_ships_configs(tmp_path) -> None:
+def test_wheel_ships_configs_and_kernels(tmp_path) -> None:
     pytest.importorskip("setuptools", reason="building a wheel offline needs setuptools")
     src = tmp_path / "src"  # build from a copy: the build leaves build/ and *.egg-info behind
-    for name in ("slt", "configs"):
+    for name in ("slt", "configs", "kernels"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
@@ -120,5 +120,6 @@ def test_wheel_ships_configs(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("slt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for name in ("slt/configs/quick.toml", "slt/configs/mnist_lenet.toml", "slt/cli.py"):
+    for name in ("slt/configs/quick.toml", "slt/configs/mnist_lenet.toml", "slt/cli.py",
+                 "slt/kernels/segmented_topk.cu", "slt/kernels/topk_binding.cpp"):
         assert name in names

@@ -1,0 +1,256 @@
+// Segmented exact top-k mask: a radix select over the order-preserving integer image of the
+// values, every segment in one launch per pass, no host round-trip between passes.
+//
+// For each segment s (values[offsets[s] .. offsets[s+1]) with k[s]), the mask has exactly
+// k[s] ones: every value above the k-th largest, and among the values equal to it the ones
+// with the lowest indices. -0.0 and +0.0 are one value. A non-finite value sets *error.
+//
+// Launch sequence (10 launches whatever the number of segments):
+//   init -> 3 x (histogram, select) over 11/11/10-bit digits -> tie count -> tie scan -> write.
+// The values are read 5 times (3 histograms, tie count, write); the mask is written once.
+// Work is split into chunks of CHUNK consecutive elements that never cross a segment; the
+// host builds the chunk table once per segment layout.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <cub/block/block_scan.cuh>
+#include <cstdint>
+
+namespace slt_topk {
+
+constexpr int THREADS = 256;
+constexpr int BINS = 2048;  // the widest digit: 11 bits
+
+enum Mode : uint32_t { NORMAL = 0, NONE = 1, ALL = 2 };
+
+struct SegmentState {
+  uint32_t prefix;  // high digits of the threshold key found so far
+  uint32_t remain;  // how many of the values matching `prefix` still belong to the top k
+  uint32_t mode;
+  uint32_t pad;
+};
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Order-preserving map float -> uint32 (larger float, larger key), with -0.0 folded onto +0.0.
+__device__ __forceinline__ uint32_t key_of(float v) {
+  uint32_t b = __float_as_uint(v);
+  if ((b << 1) == 0u) b = 0u;
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ bool non_finite(float v) {
+  return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u;
+}
+
+__global__ void init_kernel(const int64_t* offsets, const int64_t* ks, int num_segments,
+                            SegmentState* state, uint32_t* hist, int* error) {
+  int s = blockIdx.x;
+  if (s >= num_segments) return;
+  for (int b = threadIdx.x; b < BINS; b += blockDim.x) hist[s * BINS + b] = 0u;
+  if (threadIdx.x == 0) {
+    int64_t n = offsets[s + 1] - offsets[s];
+    int64_t k = ks[s];
+    SegmentState st;
+    st.prefix = 0u;
+    st.remain = static_cast<uint32_t>(k);
+    st.mode = (k <= 0) ? NONE : (k >= n ? ALL : NORMAL);
+    st.pad = 0u;
+    state[s] = st;
+  }
+}
+
+// chunks: int64 triples (segment, begin, end) per block. The digit is `bits` wide at `shift`;
+// digits above it must match the prefix found by the earlier passes.
+template <typename T>
+__global__ void histogram_kernel(const T* __restrict__ values, const int64_t* __restrict__ chunks,
+                                 const SegmentState* __restrict__ state, uint32_t* hist,
+                                 int shift, int bits, int* error) {
+  __shared__ uint32_t local[BINS];
+  const int nbins = 1 << bits;
+  for (int b = threadIdx.x; b < nbins; b += blockDim.x) local[b] = 0u;
+  __syncthreads();
+  const int64_t seg = chunks[3 * blockIdx.x];
+  const int64_t begin = chunks[3 * blockIdx.x + 1];
+  const int64_t end = chunks[3 * blockIdx.x + 2];
+  const SegmentState st = state[seg];
+  const bool first = (shift + bits == 32);
+  const uint32_t high = first ? 0u : (0xffffffffu << (shift + bits));
+  const uint32_t digit_mask = static_cast<uint32_t>(nbins - 1);
+  if (st.mode == NORMAL || first) {
+    bool bad = false;
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      const float v = to_float(values[i]);
+      if (first) bad |= non_finite(v);  // every segment, whatever its k
+      if (st.mode == NORMAL) {
+        const uint32_t key = key_of(v);
+        if ((key & high) == st.prefix) atomicAdd(&local[(key >> shift) & digit_mask], 1u);
+      }
+    }
+    if (bad) atomicExch(error, 1);
+  }
+  __syncthreads();
+  if (st.mode == NORMAL) {
+    for (int b = threadIdx.x; b < nbins; b += blockDim.x) {
+      if (local[b]) atomicAdd(&hist[seg * BINS + b], local[b]);
+    }
+  }
+}
+
+// One block per segment. Thread t sums a run of bins taken from the top; a block-wide
+// exclusive scan gives the count above each run, and the one thread whose run holds the
+// k-th largest walks it to find the bin.
+__global__ void select_kernel(SegmentState* state, uint32_t* hist, int num_segments, int shift,
+                              int bits) {
+  using Scan = cub::BlockScan<uint32_t, THREADS>;
+  __shared__ typename Scan::TempStorage temp;
+  const int s = blockIdx.x;
+  const int nbins = 1 << bits;
+  const int per = nbins / THREADS;
+  const int top = nbins - 1 - threadIdx.x * per;  // this thread's bins: top, top-1, ...
+  const uint32_t* h = hist + static_cast<size_t>(s) * BINS;
+  uint32_t mine = 0u;
+  for (int j = 0; j < per; ++j) mine += h[top - j];
+  uint32_t before;
+  Scan(temp).ExclusiveSum(mine, before);
+  SegmentState st = state[s];
+  if (st.mode == NORMAL && before < st.remain && st.remain <= before + mine) {
+    uint32_t above = before;
+    int b = top;
+    for (int j = 0; j < per; ++j, --b) {
+      if (above + h[b] >= st.remain) break;
+      above += h[b];
+    }
+    st.prefix |= static_cast<uint32_t>(b) << shift;
+    st.remain -= above;
+    state[s] = st;
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < nbins; b += blockDim.x) hist[static_cast<size_t>(s) * BINS + b] = 0u;
+}
+
+// Per chunk: how many values equal the segment's threshold (ties, resolved by index later).
+template <typename T>
+__global__ void tie_count_kernel(const T* __restrict__ values, const int64_t* __restrict__ chunks,
+                                 const SegmentState* __restrict__ state, uint32_t* chunk_ties) {
+  using Reduce = cub::BlockScan<uint32_t, THREADS>;
+  __shared__ typename Reduce::TempStorage temp;
+  const int64_t seg = chunks[3 * blockIdx.x];
+  const int64_t begin = chunks[3 * blockIdx.x + 1];
+  const int64_t end = chunks[3 * blockIdx.x + 2];
+  const SegmentState st = state[seg];
+  uint32_t count = 0u;
+  if (st.mode == NORMAL) {
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      count += key_of(to_float(values[i])) == st.prefix ? 1u : 0u;
+    }
+  }
+  uint32_t total;
+  uint32_t ignored;
+  Reduce(temp).ExclusiveSum(count, ignored, total);
+  if (threadIdx.x == 0) chunk_ties[blockIdx.x] = total;
+}
+
+// seg_chunks[s] .. seg_chunks[s+1]: the chunks of segment s, in order. Exclusive scan in place.
+__global__ void tie_scan_kernel(const int64_t* seg_chunks, int num_segments, uint32_t* chunk_ties) {
+  int s = blockIdx.x * blockDim.x + threadIdx.x;
+  if (s >= num_segments) return;
+  uint32_t running = 0u;
+  for (int64_t c = seg_chunks[s]; c < seg_chunks[s + 1]; ++c) {
+    const uint32_t here = chunk_ties[c];
+    chunk_ties[c] = running;
+    running += here;
+  }
+}
+
+template <typename T>
+__global__ void write_kernel(const T* __restrict__ values, const int64_t* __restrict__ chunks,
+                             const SegmentState* __restrict__ state,
+                             const uint32_t* __restrict__ chunk_ties, bool* __restrict__ mask) {
+  using Scan = cub::BlockScan<uint32_t, THREADS>;
+  __shared__ typename Scan::TempStorage temp;
+  const int64_t seg = chunks[3 * blockIdx.x];
+  const int64_t begin = chunks[3 * blockIdx.x + 1];
+  const int64_t end = chunks[3 * blockIdx.x + 2];
+  const SegmentState st = state[seg];
+  if (st.mode != NORMAL) {
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) mask[i] = (st.mode == ALL);
+    return;
+  }
+  uint32_t ties_before = chunk_ties[blockIdx.x];
+  // tiles of THREADS consecutive elements, in order, so tie ranks follow the index
+  for (int64_t tile = begin; tile < end; tile += THREADS) {
+    const int64_t i = tile + threadIdx.x;
+    uint32_t key = 0u;
+    if (i < end) key = key_of(to_float(values[i]));
+    const uint32_t is_tie = (i < end && key == st.prefix) ? 1u : 0u;
+    uint32_t rank;
+    uint32_t tile_ties;
+    Scan(temp).ExclusiveSum(is_tie, rank, tile_ties);
+    if (i < end) mask[i] = key > st.prefix || (is_tie && ties_before + rank < st.remain);
+    ties_before += tile_ties;
+    __syncthreads();  // temp storage is reused by the next tile
+  }
+}
+
+template <typename T>
+void launch_all(const T* values, const int64_t* offsets, const int64_t* ks, int num_segments,
+                const int64_t* chunks, int num_chunks, const int64_t* seg_chunks,
+                SegmentState* state, uint32_t* hist, uint32_t* chunk_ties, bool* mask,
+                int* error, cudaStream_t stream) {
+  if (num_segments == 0) return;
+  init_kernel<<<num_segments, THREADS, 0, stream>>>(offsets, ks, num_segments, state, hist, error);
+  if (num_chunks == 0) return;
+  const int shifts[3] = {21, 10, 0};
+  const int widths[3] = {11, 11, 10};
+  for (int pass = 0; pass < 3; ++pass) {
+    histogram_kernel<T><<<num_chunks, THREADS, 0, stream>>>(values, chunks, state, hist,
+                                                            shifts[pass], widths[pass], error);
+    select_kernel<<<num_segments, THREADS, 0, stream>>>(state, hist, num_segments, shifts[pass],
+                                                        widths[pass]);
+  }
+  tie_count_kernel<T><<<num_chunks, THREADS, 0, stream>>>(values, chunks, state, chunk_ties);
+  tie_scan_kernel<<<(num_segments + THREADS - 1) / THREADS, THREADS, 0, stream>>>(
+      seg_chunks, num_segments, chunk_ties);
+  write_kernel<T><<<num_chunks, THREADS, 0, stream>>>(values, chunks, state, chunk_ties, mask);
+}
+
+}  // namespace slt_topk
+
+// C entry point for the torch binding: dtype 0 = float32, 1 = float16, 2 = bfloat16.
+// `workspace` holds num_segments SegmentStates, then num_segments * 256 histogram bins,
+// then num_chunks tie counts (see slt_topk_workspace_bytes). `error` must be zeroed by the
+// caller; it becomes 1 when any value is NaN or infinite.
+extern "C" size_t slt_topk_workspace_bytes(int num_segments, int num_chunks) {
+  return sizeof(slt_topk::SegmentState) * num_segments +
+         sizeof(uint32_t) * (static_cast<size_t>(num_segments) * slt_topk::BINS + num_chunks);
+}
+
+extern "C" int slt_topk_launch(const void* values, int dtype, const int64_t* offsets,
+                               const int64_t* ks, int num_segments, const int64_t* chunks,
+                               int num_chunks, const int64_t* seg_chunks, void* workspace,
+                               bool* mask, int* error, cudaStream_t stream) {
+  auto* state = static_cast<slt_topk::SegmentState*>(workspace);
+  auto* hist = reinterpret_cast<uint32_t*>(state + num_segments);
+  auto* ties = hist + static_cast<size_t>(num_segments) * slt_topk::BINS;
+  switch (dtype) {
+    case 0:
+      slt_topk::launch_all(static_cast<const float*>(values), offsets, ks, num_segments, chunks,
+                           num_chunks, seg_chunks, state, hist, ties, mask, error, stream);
+      break;
+    case 1:
+      slt_topk::launch_all(static_cast<const __half*>(values), offsets, ks, num_segments, chunks,
+                           num_chunks, seg_chunks, state, hist, ties, mask, error, stream);
+      break;
+    case 2:
+      slt_topk::launch_all(static_cast<const __nv_bfloat16*>(values), offsets, ks, num_segments,
+                           chunks, num_chunks, seg_chunks, state, hist, ties, mask, error, stream);
+      break;
+    default:
+      return 1;
+  }
+  return static_cast<int>(cudaGetLastError());
+}

@@ -1,0 +1,83 @@
+"""The CUDA kernel against the torch path, bit for bit. Runs only where CUDA is present."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slt import cuda_topk
+from slt.errors import NonFiniteScoreError
+from slt.topk import _torch_segmented, segmented_topk_mask
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def offsets_of(sizes: list[int]) -> list[int]:
+    out = [0]
+    for n in sizes:
+        out.append(out[-1] + n)
+    return out
+
+
+def check(values: torch.Tensor, sizes: list[int], ks: list[int]) -> None:
+    offsets = offsets_of(sizes)
+    expected = _torch_segmented(values.cpu().float(), offsets, ks)
+    got = segmented_topk_mask(values.cuda(), offsets, ks).cpu()
+    assert torch.equal(got, expected)
+    for i, k in enumerate(ks):
+        assert int(got[offsets[i]:offsets[i + 1]].sum()) == k
+
+
+def test_the_kernel_is_what_runs() -> None:
+    assert cuda_topk.extension() is not None, "the CUDA kernel did not build"
+
+
+GEN = torch.Generator().manual_seed(0)
+INPUTS = {
+    "random": lambda n: torch.randn(n, generator=GEN),
+    "heavy ties": lambda n: torch.randint(0, 4, (n,), generator=GEN).float(),
+    "all equal": lambda n: torch.zeros(n),
+    "signed zeros": lambda n: torch.where(torch.rand(n, generator=GEN) < 0.5, 0.0, -0.0),
+    "negative": lambda n: -torch.rand(n, generator=GEN),
+}
+
+
+@pytest.mark.parametrize("kind", list(INPUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_matches_torch_path(kind: str, dtype: torch.dtype) -> None:
+    sizes = [0, 1, 5, 4096, 4097, 100_000, 7, 1 << 20]
+    values = torch.cat([INPUTS[kind](n) for n in sizes]).to(dtype)
+    for ks in ([0, 1, 2, 2048, 1, 50_000, 7, 1 << 19], [0, 0, 5, 4096, 0, 1, 0, 1],
+               [0, 1, 4, 1, 4097, 99_999, 3, (1 << 20) - 1]):
+        check(values, sizes, ks)
+    check(values, [values.numel()], [values.numel() // 10])  # global mode
+
+
+def test_very_unequal_segments_and_large_tensors() -> None:
+    for exponent in (16, 20, 24, 26):
+        n = 1 << exponent
+        values = torch.randn(n, generator=GEN)
+        check(values, [3, n - 3], [1, n // 10])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_is_an_error(bad: float) -> None:
+    values = torch.ones(10_000, device="cuda")
+    values[1234] = bad
+    with pytest.raises(NonFiniteScoreError, match="flat index 1234"):
+        segmented_topk_mask(values, [0, 5000, 10_000], [0, 5000])  # k=0 and k=n segments too
+
+
+def test_search_gives_the_same_ticket_with_either_path(tmp_path, tiny_overrides,
+                                                       monkeypatch) -> None:
+    from slt import config, ticket
+    from slt.search import run_search
+
+    cfg = config.load(None, [*tiny_overrides, "run.device=cuda", "model.hidden=[64, 64]"])
+    with_kernel = run_search(cfg, tmp_path / "kernel", log=lambda _: None)
+    monkeypatch.setattr(cuda_topk, "extension", lambda: None)
+    with_torch = run_search(cfg, tmp_path / "torch", log=lambda _: None)
+    a = ticket.load(with_kernel.run_dir / "ticket.slt")
+    b = ticket.load(with_torch.run_dir / "ticket.slt")
+    for la, lb in zip(a.layers, b.layers):
+        assert torch.equal(la.mask, lb.mask)
