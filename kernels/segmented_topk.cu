@@ -42,6 +42,15 @@ __device__ __forceinline__ uint32_t key_of(float v) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
+// This block's chunk: (segment, begin, end) from the host-built chunk table.
+struct Chunk {
+  int64_t seg, begin, end;
+};
+
+__device__ __forceinline__ Chunk chunk_of(const int64_t* chunks) {
+  return Chunk{chunks[3 * blockIdx.x], chunks[3 * blockIdx.x + 1], chunks[3 * blockIdx.x + 2]};
+}
+
 __device__ __forceinline__ bool non_finite(float v) {
   return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u;
 }
@@ -73,9 +82,8 @@ __global__ void histogram_kernel(const T* __restrict__ values, const int64_t* __
   const int nbins = 1 << bits;
   for (int b = threadIdx.x; b < nbins; b += blockDim.x) local[b] = 0u;
   __syncthreads();
-  const int64_t seg = chunks[3 * blockIdx.x];
-  const int64_t begin = chunks[3 * blockIdx.x + 1];
-  const int64_t end = chunks[3 * blockIdx.x + 2];
+  const Chunk c = chunk_of(chunks);
+  const int64_t seg = c.seg, begin = c.begin, end = c.end;
   const SegmentState st = state[seg];
   const bool first = (shift + bits == 32);
   const uint32_t high = first ? 0u : (0xffffffffu << (shift + bits));
@@ -138,9 +146,8 @@ __global__ void tie_count_kernel(const T* __restrict__ values, const int64_t* __
                                  const SegmentState* __restrict__ state, uint32_t* chunk_ties) {
   using Reduce = cub::BlockScan<uint32_t, THREADS>;
   __shared__ typename Reduce::TempStorage temp;
-  const int64_t seg = chunks[3 * blockIdx.x];
-  const int64_t begin = chunks[3 * blockIdx.x + 1];
-  const int64_t end = chunks[3 * blockIdx.x + 2];
+  const Chunk c = chunk_of(chunks);
+  const int64_t seg = c.seg, begin = c.begin, end = c.end;
   const SegmentState st = state[seg];
   uint32_t count = 0u;
   if (st.mode == NORMAL) {
@@ -172,9 +179,8 @@ __global__ void write_kernel(const T* __restrict__ values, const int64_t* __rest
                              const uint32_t* __restrict__ chunk_ties, bool* __restrict__ mask) {
   using Scan = cub::BlockScan<uint32_t, THREADS>;
   __shared__ typename Scan::TempStorage temp;
-  const int64_t seg = chunks[3 * blockIdx.x];
-  const int64_t begin = chunks[3 * blockIdx.x + 1];
-  const int64_t end = chunks[3 * blockIdx.x + 2];
+  const Chunk c = chunk_of(chunks);
+  const int64_t seg = c.seg, begin = c.begin, end = c.end;
   const SegmentState st = state[seg];
   if (st.mode != NORMAL) {
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) mask[i] = (st.mode == ALL);
