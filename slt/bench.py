@@ -20,7 +20,7 @@ from slt.layers import masked_layers
 from slt.models import build_model
 from slt.source import count_of
 from slt.spec import DataSpec
-from slt.topk import segmented_topk_mask
+from slt.topk import segment_offsets, segmented_topk_mask
 
 LAYER_SETS: dict[str, tuple[str, DataSpec]] = {
     "lenet-300-100": ("mlp", DataSpec((1, 28, 28), 10)),
@@ -60,9 +60,7 @@ def topk_per_layer(scores: list[Tensor], keep: float) -> list[Tensor]:
 def ours(scores: list[Tensor], keep: float) -> list[Tensor]:
     """slt.topk over all layers as one segmented buffer, as the scorer calls it."""
     sizes = [s.numel() for s in scores]
-    offsets = [0]
-    for n in sizes:
-        offsets.append(offsets[-1] + n)
+    offsets = segment_offsets(sizes)
     flat = torch.cat([s.abs() for s in scores])
     mask = segmented_topk_mask(flat, offsets, [count_of(keep, n) for n in sizes])
     return list(mask.float().split(sizes))

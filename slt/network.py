@@ -42,14 +42,17 @@ class SltNetwork(nn.Module):
         self.budget = budget
         self.infos = infos
         self.fixed = False
+        # The layer set is fixed once built: found once here, not on every forward pass.
+        self._all_layers = masked_layers(body)
+        self._searched_layers = [layer for layer in self._all_layers if layer.searched]
 
     @property
     def all_layers(self) -> list[MaskedLayer]:
-        return masked_layers(self.body)
+        return self._all_layers
 
     @property
     def searched_layers(self) -> list[MaskedLayer]:
-        return [layer for layer in self.all_layers if layer.searched]
+        return self._searched_layers
 
     def refresh(self) -> None:
         """Recompute every searched layer's effective weights from the current scores."""

@@ -56,6 +56,14 @@ def topk_mask(values: Tensor, k: int) -> Tensor:
     return _select(flat, k).view(values.shape)
 
 
+def segment_offsets(sizes: Sequence[int]) -> list[int]:
+    """Offsets of consecutive segments of the given sizes: [0, n0, n0 + n1, ...]."""
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    return offsets
+
+
 def _validate_segments(values: Tensor, offsets: Sequence[int], ks: Sequence[int]) -> None:
     if values.dim() != 1:
         raise ValueError("segmented_topk_mask expects a flat 1-D buffer")

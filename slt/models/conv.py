@@ -45,25 +45,16 @@ def conv_n(name: str, blocks: int, cfg: ModelConfig, spec: DataSpec) -> nn.Modul
     return nn.Sequential(*layers)
 
 
-@MODELS.register("conv2")
-def conv2(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
-    """One block (64 channels)."""
-    return conv_n("conv2", 1, cfg, spec)
+def _register(blocks: int) -> None:
+    """conv2 .. conv8: `blocks` blocks of two convs (64, 128, 256, 512 channels)."""
+    name = f"conv{2 * blocks}"
+
+    def build(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
+        return conv_n(name, blocks, cfg, spec)
+
+    build.__doc__ = f"{blocks} block(s) of the edge-popup Conv-N family."
+    MODELS.register(name)(build)
 
 
-@MODELS.register("conv4")
-def conv4(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
-    """Two blocks (64, 128 channels)."""
-    return conv_n("conv4", 2, cfg, spec)
-
-
-@MODELS.register("conv6")
-def conv6(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
-    """Three blocks (64, 128, 256 channels)."""
-    return conv_n("conv6", 3, cfg, spec)
-
-
-@MODELS.register("conv8")
-def conv8(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
-    """Four blocks (64, 128, 256, 512 channels)."""
-    return conv_n("conv8", 4, cfg, spec)
+for _blocks in (1, 2, 3, 4):
+    _register(_blocks)

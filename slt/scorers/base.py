@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from slt.layers import MaskedLayer
-from slt.topk import segmented_topk_mask
+from slt.topk import segment_offsets, segmented_topk_mask
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,7 @@ class Budget:
         """Offsets and k per segment of the concatenated per-layer buffer."""
         if self.scope == "global":
             return [0, sum(sizes)], [self.total_k]
-        offsets = [0]
-        for n in sizes:
-            offsets.append(offsets[-1] + n)
-        return offsets, list(self.layer_k)
+        return segment_offsets(sizes), list(self.layer_k)
 
 
 class StraightThroughTopK(torch.autograd.Function):
