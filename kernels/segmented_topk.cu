@@ -7,7 +7,9 @@
 //
 // Launch sequence (10 launches whatever the number of segments):
 //   init -> 3 x (histogram, select) over 11/11/10-bit digits -> tie count -> tie scan -> write.
-// The values are read 5 times (3 histograms, tie count, write); the mask is written once.
+// The values are read 4 times (3 histograms, write) when no run of equal values straddles a
+// segment's cut, the usual case; 5 times (plus the tie count) when one does. The mask is
+// written once.
 // Work is split into chunks of CHUNK consecutive elements that never cross a segment; the
 // host builds the chunk table once per segment layout.
 
@@ -22,7 +24,9 @@ namespace slt_topk {
 constexpr int THREADS = 256;
 constexpr int BINS = 2048;  // the widest digit: 11 bits
 
-enum Mode : uint32_t { NORMAL = 0, NONE = 1, ALL = 2 };
+// AT_LEAST: the last pass found that every value equal to the threshold is kept, so the
+// mask is key >= threshold, with no ties to rank and no tie-count read of the values.
+enum Mode : uint32_t { NORMAL = 0, NONE = 1, ALL = 2, AT_LEAST = 3 };
 
 struct SegmentState {
   uint32_t prefix;  // high digits of the threshold key found so far
@@ -134,6 +138,7 @@ __global__ void select_kernel(SegmentState* state, uint32_t* hist, int num_segme
     }
     st.prefix |= static_cast<uint32_t>(b) << shift;
     st.remain -= above;
+    if (shift == 0 && h[b] == st.remain) st.mode = AT_LEAST;  // no tie straddles the cut
     state[s] = st;
   }
   __syncthreads();
@@ -182,6 +187,12 @@ __global__ void write_kernel(const T* __restrict__ values, const int64_t* __rest
   const Chunk c = chunk_of(chunks);
   const int64_t seg = c.seg, begin = c.begin, end = c.end;
   const SegmentState st = state[seg];
+  if (st.mode == AT_LEAST) {
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      mask[i] = key_of(to_float(values[i])) >= st.prefix;
+    }
+    return;
+  }
   if (st.mode != NORMAL) {
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) mask[i] = (st.mode == ALL);
     return;

@@ -96,12 +96,20 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_topk(args: argparse.Namespace) -> int:
-    from slt.bench import LAYER_SETS, run_topk_bench
+    import torch
 
-    for name in args.layers:
-        if name not in LAYER_SETS:
-            raise SltError(f"unknown layer set '{name}'; known: {', '.join(LAYER_SETS)}")
-    run_topk_bench(args.layers, args.keep, args.repeats, args.json)
+    from slt.bench import run_topk_bench
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SltError("--device cuda, but torch sees no CUDA device")
+    if args.repeats < 1:
+        raise SltError(f"--repeats must be at least 1, got {args.repeats}")
+    for keep in args.keep:
+        if not 0 < keep <= 1:
+            raise SltError(f"--keep {keep} outside (0, 1]")
+    run_topk_bench(args.layers, args.keep, args.repeats, args.json, device,
+                   tuple(args.scope), args.dtype)
     return 0
 
 
@@ -138,11 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_config_keys)
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    b = bsub.add_parser("topk", help="top-k masking: slt.topk against per-layer sort and topk")
-    b.add_argument("--layers", nargs="+", default=["lenet-300-100", "conv6", "resnet18"],
-                   help="layer sets: prunable layers of these models")
-    b.add_argument("--keep", nargs="+", type=float, default=[0.5, 0.1])
-    b.add_argument("--repeats", type=int, default=15)
+    b = bsub.add_parser("topk", help="top-k masking: slt.topk against per-layer sort, topk, "
+                        "kthvalue and the memory floor")
+    b.add_argument("--layers", nargs="+", default=["conv6", "resnet18", "resnet50", "2^16",
+                                                   "2^20", "2^24"],
+                   help="workloads: the prunable layers of lenet-300-100, conv6, resnet18 or "
+                   "resnet50, or one tensor of 2^N elements (e.g. 2^26)")
+    b.add_argument("--keep", nargs="+", type=float, default=[0.5, 0.1],
+                   help="fraction of each segment kept")
+    b.add_argument("--scope", nargs="+", choices=["layer", "global"], default=["layer", "global"],
+                   help="one segment per layer, or one for all layers")
+    b.add_argument("--device", choices=["cpu", "cuda"],
+                   help="default: cuda when torch sees one, else cpu")
+    b.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    b.add_argument("--repeats", type=int, default=15, help="timed repetitions (median)")
     b.add_argument("--json", help="also write the rows to this JSON file")
     b.set_defaults(func=cmd_bench_topk)
     return parser

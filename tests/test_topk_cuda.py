@@ -60,6 +60,17 @@ def test_very_unequal_segments_and_large_tensors() -> None:
         check(values, [3, n - 3], [1, n // 10])
 
 
+def test_ties_on_either_side_of_the_cut() -> None:
+    # blocks of equal values: k at a block edge keeps whole blocks (no tie split, the kernel's
+    # >= shortcut); k inside a block ranks the ties by index
+    values = torch.arange(8).repeat_interleave(1000).flip(0).float()  # 7,7,...,0,0
+    shuffled = values[torch.randperm(values.numel(), generator=GEN)]
+    for v in (values, shuffled):
+        for k in (0, 1000, 3000, 999, 2500, 7999, 8000):
+            check(v, [v.numel()], [k])
+            check(v, [4000, 4000], [min(k, 4000), k // 2])
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_is_an_error(bad: float) -> None:
     values = torch.ones(10_000, device="cuda")
