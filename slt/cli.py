@@ -113,6 +113,39 @@ def cmd_bench_topk(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from slt.config import check_key, parse_value
+    from slt.sweep import load_sweep, run_sweep
+
+    if args.workers < 1:
+        raise SltError(f"--workers must be at least 1, got {args.workers}")
+    sweep = load_sweep(args.sweep)
+    overrides = {}
+    for item in args.overrides:
+        if "=" not in item:
+            raise SltError(f"--set expects section.key=value, got '{item}'")
+        key, text = item.split("=", 1)
+        check_key(key.strip(), "--set")
+        overrides[key.strip()] = parse_value(text.strip())
+    outcome = run_sweep(sweep, args.out, args.workers, overrides, progress=not args.no_progress)
+    print(f"{len(outcome.done)} runs done, {len(outcome.failed)} failed, "
+          f"{len(outcome.skipped)} points skipped -> {args.out}")
+    if not args.no_report:
+        from slt.report import write_report
+
+        path = write_report(args.out)
+        print(f"report: {path}")
+    return 1 if outcome.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from slt.report import write_report
+
+    path = write_report(args.runs, args.out, evaluate_survival=not args.no_eval)
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slt", description="Strong-lottery-ticket search inside random sparse sources.")
@@ -127,6 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "on a finished run, rewrites its ticket that way")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("sweep", help="run a grid of searches from a sweep file, then report")
+    p.add_argument("sweep", help="sweep TOML (base config, [set], [axes]); a path or the name "
+                   "of a packaged sweep such as demo_sweep.toml")
+    p.add_argument("--out", default="runs", help="folder of run directories (default: runs)")
+    p.add_argument("--workers", type=int, default=1, help="points run in parallel processes")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key in every point, e.g. --set data.root=PATH")
+    p.add_argument("--no-report", action="store_true", help="do not write the report")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="tables and plots from a folder of run directories")
+    p.add_argument("runs", help="folder holding run directories (e.g. a sweep's --out)")
+    p.add_argument("--out", help="where to write report.md, results.csv and plots "
+                   "(default: RUNS/report)")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip evaluating surviving tickets (needs the data and a forward pass)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("eval", help="rebuild a saved ticket and report its test accuracy")
     p.add_argument("ticket", help="a ticket.slt file")

@@ -196,7 +196,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _parse_override_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """TOML syntax for the value (1, 0.5, true, [1, 2], "x"); anything else is a string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
@@ -241,6 +241,32 @@ def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
     return cfg
 
 
+def set_key(raw: dict[str, Any], dotted: str, value: Any, origin: str = "--set") -> None:
+    """Set `section.key` to a (typed) value in nested dicts, in place; typed later by
+    `from_dict`. Setting one of keep / ticket_density drops the other."""
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"{origin}: expected section.key, got '{dotted}'")
+    section, key = parts
+    if section not in SECTIONS:
+        raise ConfigError(
+            f"unknown section '{section}' in {origin} {dotted}"
+            f"{did_you_mean(section, list(SECTIONS))}"
+        )
+    table = raw.setdefault(section, {})
+    table[key] = value
+    # keep and ticket_density are alternatives: setting one replaces the other.
+    if section == "search" and key in ("keep", "ticket_density"):
+        table.pop("ticket_density" if key == "keep" else "keep", None)
+
+
+def check_key(dotted: str, origin: str) -> None:
+    """ConfigError unless `dotted` names a config key (e.g. source.density)."""
+    keys = [k for k, _, _ in describe()]
+    if dotted not in keys:
+        raise ConfigError(f"{origin}: unknown key '{dotted}'{did_you_mean(dotted, keys)}")
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings to nested dicts (typed later by `from_dict`)."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
@@ -248,22 +274,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"--set expects section.key=value, got '{item}'")
         dotted, text = item.split("=", 1)
-        parts = dotted.strip().split(".")
-        if len(parts) != 2 or not all(parts):
+        if len(dotted.strip().split(".")) != 2:
             raise ConfigError(f"--set expects section.key=value, got '{item}'")
-        section, key = parts
-        if section not in SECTIONS:
-            raise ConfigError(
-                f"unknown section '{section}' in --set {dotted}"
-                f"{did_you_mean(section, list(SECTIONS))}"
-            )
-        table = out.setdefault(section, {})
-        table[key] = _parse_override_value(text.strip())
-        # keep and ticket_density are alternatives: setting one on the command line
-        # replaces the other given in the file.
-        if section == "search" and key in ("keep", "ticket_density"):
-            other = "ticket_density" if key == "keep" else "keep"
-            table.pop(other, None)
+        set_key(out, dotted, parse_value(text.strip()))
     return out
 
 
@@ -426,6 +439,9 @@ def config_hash(cfg: Config) -> str:
     }
     if cfg.data.name == "imagefolder":  # the folder *is* the dataset here
         body["data"]["root"] = str(Path(cfg.data.root).expanduser().resolve())
+    # At density 1 every scheme builds the same all-dense source: one run serves them all.
+    if cfg.source.scheme != "custom" and cfg.source.density >= 1.0:
+        body["source"]["scheme"] = "uniform"
     # keep/ticket_density are two spellings of one quantity: hash the derived pair.
     body["search"]["keep"] = round(cfg.keep, 12)
     body["search"]["ticket_density"] = round(cfg.ticket_density, 12)

@@ -1,0 +1,513 @@
+"""`slt report RUNS_DIR`: tables and plots from run directories, and nothing else.
+
+It reads each run's config.toml, summary.json (finished), metrics.jsonl (still running) or
+error.json (failed), and ticket.slt, so it works while a sweep runs and on another machine.
+It writes report.md, results.csv and PNG plots (with matplotlib; without it, tables only).
+
+Runs are compared on the config keys that vary among them. At source density 1 every
+scheme builds the same dense source, so a dense run serves as the reference of every scheme.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slt.analysis import fmt_pct, jaccard, mean_std, surviving, surviving_fraction
+from slt.config import NOT_HASHED, Config, config_hash, from_dict, read_toml
+from slt.errors import SltError
+from slt.fileio import atomic_write_text
+from slt.sweep import THEORY, theory_width
+
+ANY = "any"  # the scheme of a dense (d = 1) run
+DENSITY, SEED, SCHEME, WIDTH = "source.density", "run.seed", "source.scheme", "model.width"
+
+
+@dataclass
+class Run:
+    path: Path
+    config: Config
+    status: str  # finished, running or failed
+    acc: float | None  # final test accuracy (last epoch's while running)
+    epochs_done: int
+    error: str
+    summary: dict[str, Any] | None
+    settings: dict[str, Any]
+
+    @property
+    def density(self) -> float:
+        return self.config.source.density
+
+
+def settings_of(cfg: Config) -> dict[str, Any]:
+    """The config keys that say what a run computes, flattened; the ticket size as its
+    absolute density; the scheme of a dense run as 'any'."""
+    out: dict[str, Any] = {}
+    for section, body in cfg.to_dict().items():
+        for key, value in body.items():
+            if (section, key) in NOT_HASHED or (section, key) in (("search", "keep"),
+                                                                  ("search", "ticket_density")):
+                continue
+            out[f"{section}.{key}"] = tuple(value) if isinstance(value, list) else value
+    out["search.ticket_density"] = round(cfg.ticket_density, 6)
+    if cfg.source.scheme != "custom" and cfg.source.density >= 1.0:
+        out[SCHEME] = ANY
+    d, w = cfg.source.density, cfg.model.width
+    if d < 1.0 and w != 1.0 and math.isclose(w, round(theory_width(d), 4)):
+        out[WIDTH] = THEORY  # a sweep's model.width = "theory" point
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_run(path: Path) -> Run | None:
+    """A run directory's state, or None for a folder that is not one."""
+    if not (path / "config.toml").is_file():
+        return None
+    try:
+        cfg = from_dict(read_toml(path / "config.toml"), str(path / "config.toml"))
+    except SltError:
+        return None  # e.g. made with a scorer plug-in not installed here
+    summary = _read_json(path / "summary.json")
+    error = _read_json(path / "error.json")
+    rows = []
+    if (path / "metrics.jsonl").is_file():
+        for line in (path / "metrics.jsonl").read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    if summary is not None:
+        status, acc, done = "finished", summary["final_test_acc"], summary["epochs"]
+    elif error is not None:
+        status, acc, done = "failed", None, len(rows)
+    else:
+        status, done = "running", len(rows)
+        acc = rows[-1]["test_acc"] if rows else None
+    return Run(path, cfg, status, acc, done, (error or {}).get("error", ""), summary,
+               settings_of(cfg))
+
+
+def load_runs(root: str | os.PathLike[str]) -> list[Run]:
+    root = Path(root)
+    if not root.is_dir():
+        raise SltError(f"no such folder of runs: {root}")
+    runs = [r for p in sorted(root.iterdir()) if p.is_dir() and (r := load_run(p))]
+    if not runs:
+        raise SltError(f"{root} holds no run directories (folders with a config.toml)")
+    return runs
+
+
+def varying_keys(runs: Iterable[Run]) -> list[str]:
+    """Keys with more than one value among the runs (a dense run's scheme 'any' matches
+    every scheme, so one scheme plus dense runs is not a varying scheme)."""
+    values: dict[str, set] = defaultdict(set)
+    for r in runs:
+        for k, v in r.settings.items():
+            if not (k == SCHEME and v == ANY):
+                values[k].add(v)
+    return sorted(k for k, vs in values.items() if len(vs) > 1)
+
+
+def _dense_view(key: tuple) -> tuple:
+    """What a group's key looks like for a dense run: any scheme, and theory width 1."""
+    return tuple((k, ANY if k == SCHEME else 1.0 if (k == WIDTH and v == THEORY) else v)
+                 for k, v in key)
+
+
+def group_runs(runs: Iterable[Run], keys: list[str]) -> dict[tuple, list[Run]]:
+    """Runs by their values of `keys`. A dense run (d = 1) joins every group it stands for:
+    any scheme, and width 'theory' (w(1) = 1) as well as its own width."""
+    runs = list(runs)
+    out: dict[tuple, list[Run]] = defaultdict(list)
+    for r in runs:
+        if r.density < 1.0:
+            out[key_of(r, keys)].append(r)
+    for r in runs:
+        if r.density >= 1.0:
+            k = key_of(r, keys)
+            homes = [g for g in out if _dense_view(g) == _dense_view(k)]
+            for g in homes or [k]:
+                out[g].append(r)
+    return dict(sorted(out.items(), key=lambda kv: str(kv[0])))
+
+
+def key_of(run: Run, keys: Iterable[str]) -> tuple:
+    return tuple((k, run.settings.get(k)) for k in keys)
+
+
+def label_of(key: tuple) -> str:
+    short = {"search.ticket_density": "t", WIDTH: "width", SCHEME: "scheme", "search.scorer":
+             "scorer", "model.name": "model", "data.name": "data", "search.scope": "scope"}
+    return ", ".join(f"{short.get(k, k)}={v:g}" if isinstance(v, float) else
+                     f"{short.get(k, k)}={v}" for k, v in key) or "all runs"
+
+
+# --- the study tables ----------------------------------------------------------------------
+
+
+@dataclass
+class Study:
+    """Runs grouped for comparison: a group is every setting but density and seed."""
+
+    runs: list[Run]
+    varying: list[str]
+
+    @property
+    def finished(self) -> list[Run]:
+        return [r for r in self.runs if r.status == "finished"]
+
+    def group_keys(self, exclude: tuple[str, ...] = (DENSITY, SEED)) -> list[str]:
+        return [k for k in self.varying if k not in exclude]
+
+    def groups(self, exclude: tuple[str, ...] = (DENSITY, SEED)) -> dict[tuple, list[Run]]:
+        return group_runs(self.finished, self.group_keys(exclude))
+
+    def densities(self) -> list[float]:
+        return sorted({r.density for r in self.finished}, reverse=True)
+
+
+def accuracy_table(study: Study) -> tuple[list[str], list[list[str]], dict[tuple, dict]]:
+    """Rows: groups; columns: source densities; cells: test accuracy mean ± std over seeds."""
+    densities = study.densities()
+    header = ["setting", *[f"d={d:g}" for d in densities]]
+    rows, series = [], {}
+    for key, runs in study.groups().items():
+        by_d: dict[float, list[float]] = defaultdict(list)
+        for r in runs:
+            by_d[r.density].append(r.acc)
+        rows.append([label_of(key), *[fmt_pct(by_d.get(d, [])) for d in densities]])
+        series[key] = by_d
+    return header, rows, series
+
+
+# --- survival: the dense ticket inside sparser sources --------------------------------------
+
+
+def _load_ticket(run: Run) -> Any:
+    """The run's ticket, or None when it is missing or unreadable (reported as absent)."""
+    from slt import ticket as ticket_io
+
+    try:
+        return ticket_io.load(run.path / "ticket.slt")
+    except SltError:
+        return None
+
+
+def _searched_masks(ticket: Any) -> tuple[list, list]:
+    layers = [tl for tl in ticket.layers if tl.searched]
+    return [tl.mask for tl in layers], [tl.source_mask for tl in layers]
+
+
+class Evaluator:
+    """Test accuracy of a dense run's network restricted to a set of masks; data is loaded
+    once per dataset. Reports once why it cannot evaluate (no data here, say)."""
+
+    def __init__(self, enabled: bool, note: Callable[[str], None]):
+        self.enabled = enabled
+        self.note = note
+        self.failed = False
+        self._data: dict[str, Any] = {}
+
+    def __call__(self, dense_ticket: Any, masks: list) -> float | None:
+        if not self.enabled or self.failed:
+            return None
+        import torch
+
+        from slt import ticket as ticket_io
+        from slt.data import Batches, load_data
+        from slt.search import evaluate, resolve_device
+
+        cfg = dense_ticket.config
+        if os.environ.get("SLT_DATA"):
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+                cfg.data, root=os.environ["SLT_DATA"]))
+        device = resolve_device("auto")
+        try:
+            name = repr(cfg.data)
+            if name not in self._data:
+                self._data[name] = Batches(load_data(cfg.data), device)
+            net = ticket_io.rebuild(dense_ticket, device)
+        except SltError as exc:
+            self.failed = True
+            self.note(f"surviving tickets were not evaluated: {exc}")
+            return None
+        dense_sources = _searched_masks(dense_ticket)[1]
+        compact = [m.reshape(-1)[s.reshape(-1)] for m, s in zip(masks, dense_sources)]
+        net.fix_masks([c.to(device) for c in compact])
+        with torch.no_grad():
+            return evaluate(net, self._data[name], cfg.search.eval_batch_size)[1]
+
+
+def survival_rows(study: Study, evaluator: Evaluator) -> list[dict[str, Any]]:
+    """Per sparse run with a dense counterpart (same settings and seed, density 1): the
+    fraction of the dense ticket's edges in its source, the accuracy of that surviving part
+    (no new search, cached in the sparse run's folder), and its own re-searched accuracy."""
+    match = [k for k in study.varying if k not in (DENSITY, SCHEME)]
+    dense = {key_of(r, match): r for r in study.finished if r.settings.get(SCHEME) == ANY
+             and r.density >= 1.0}
+    out = []
+    for r in study.finished:
+        if r.density >= 1.0:
+            continue
+        d_run = dense.get(key_of(r, match))
+        if d_run is None:
+            continue
+        cache = r.path / f"survival-{config_hash(d_run.config)}.json"
+        cached = _read_json(cache) or {}
+        if "fraction" not in cached or ("surviving_acc" not in cached and evaluator.enabled
+                                        and not evaluator.failed):
+            dt, st = _load_ticket(d_run), _load_ticket(r)
+            if dt is None or st is None:
+                continue
+            d_masks, _ = _searched_masks(dt)
+            s_masks, s_sources = _searched_masks(st)
+            cached = {"dense_run": d_run.path.name,
+                      "fraction": surviving_fraction(d_masks, s_sources),
+                      "jaccard": jaccard(d_masks, s_masks)}
+            acc = evaluator(dt, surviving(d_masks, s_sources))
+            if acc is not None:
+                cached["surviving_acc"] = acc
+                atomic_write_text(cache, json.dumps(cached, indent=2) + "\n")
+        out.append({"run": r, "dense": d_run, **cached})
+    return out
+
+
+def survival_table(study: Study, rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]],
+                                                                      dict[tuple, dict]]:
+    keys = study.group_keys()
+    by: dict[tuple, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        by[key_of(row["run"], keys)][row["run"].density].append(row)
+    header = ["setting", "d", "accuracy retained", "dense-ticket edges in source",
+              "surviving part, no search", "searched again", "dense ticket (d=1)",
+              "Jaccard(dense, new ticket)"]
+    table, series = [], {}
+    for key in sorted(by, key=str):
+        series[key] = {}
+        for d in sorted(by[key], reverse=True):
+            rs = by[key][d]
+            dense_acc = [x["dense"].acc for x in rs]
+            new_acc = [x["run"].acc for x in rs]
+            retained = [a / b for a, b in zip(new_acc, dense_acc) if b]
+            surv = [x["surviving_acc"] for x in rs if "surviving_acc" in x]
+            frac = [x["fraction"] for x in rs]
+            series[key][d] = {"retained": retained, "fraction": frac, "surviving": surv,
+                              "searched": new_acc, "dense": dense_acc}
+            table.append([label_of(key), f"{d:g}", fmt_pct(retained), fmt_pct(frac),
+                          fmt_pct(surv), fmt_pct(new_acc), fmt_pct(dense_acc),
+                          fmt_pct([x["jaccard"] for x in rs])])
+    return header, table, series
+
+
+def overlap_tables(study: Study) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Per group: mean Jaccard overlap of the tickets found at each pair of densities from
+    the same seed (and the same width: tickets of different widths do not overlap)."""
+    masks: dict[Path, list | None] = {}  # a dense run's ticket serves several groups
+
+    def ticket_masks(r: Run) -> list | None:
+        if r.path not in masks:
+            t = _load_ticket(r)
+            masks[r.path] = None if t is None else _searched_masks(t)[0]
+        return masks[r.path]
+
+    out = []
+    for key, runs in study.groups().items():
+        if (WIDTH, THEORY) in key:
+            continue  # widths differ from density to density: nothing to overlap
+        by_seed: dict[Any, dict[float, Run]] = defaultdict(dict)
+        for r in runs:
+            by_seed[(r.settings.get(SEED), r.config.source.seed)][r.density] = r
+        densities = sorted({r.density for r in runs}, reverse=True)
+        if len(densities) < 2:
+            continue
+        rows = []
+        for a in densities:
+            cells = []
+            for b in densities:
+                pairs = [(ticket_masks(s[a]), ticket_masks(s[b])) for s in by_seed.values()
+                         if a in s and b in s
+                         and s[a].config.model.width == s[b].config.model.width]
+                vals = [jaccard(x, y) for x, y in pairs if x is not None and y is not None]
+                cells.append(f"{mean_std(vals)[0]:.3f}" if vals else "–")
+            rows.append([f"d={a:g}", *cells])
+        out.append((label_of(key), ["", *[f"d={d:g}" for d in densities]], rows))
+    return out
+
+
+def width_table(study: Study) -> tuple[list[str], list[list[str]], dict[tuple, dict]] | None:
+    """Accuracy vs width multiplier per density; the theory's factor w(d) in its own column,
+    and a * on the width that equals it."""
+    if WIDTH not in study.varying:
+        return None
+    widths = sorted({r.config.model.width for r in study.finished})
+    by: dict[tuple, dict[float, dict[float, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list)))
+    for key, runs in study.groups((DENSITY, SEED, WIDTH)).items():
+        for r in runs:
+            by[key][r.density][r.config.model.width].append(r.acc)
+    header = ["setting", "d", "theory w(d)", *[f"w={w:g}" for w in widths]]
+    rows, series = [], {}
+    for key in sorted(by, key=str):
+        for d in sorted(by[key], reverse=True):
+            theory = round(theory_width(d), 4)
+            cells = [fmt_pct(by[key][d].get(w, [])) + ("*" if math.isclose(w, theory) else "")
+                     for w in widths]
+            rows.append([label_of(key), f"{d:g}", f"{theory:g}", *cells])
+            series[(key, d)] = by[key][d]
+    return header, rows, series
+
+
+def layer_profiles(study: Study) -> dict[tuple, dict[float, list[tuple[str, float]]]]:
+    """(model, scheme) -> density -> [(layer, d_l)] from the runs' summaries."""
+    out: dict[tuple, dict[float, list[tuple[str, float]]]] = defaultdict(dict)
+    for r in study.finished:
+        assert r.summary is not None
+        if r.density >= 1.0:
+            continue
+        key = (r.config.model.name, r.config.model.width, r.config.source.scheme)
+        out[key][r.density] = [(row["name"], row["source_density"])
+                               for row in r.summary["layers"]]
+    return dict(out)
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ["run_id", "status", "epochs_done", "final_test_acc", "best_test_acc", "time_s",
+              "source_density_actual", "ticket_density_actual", "keep_actual", "error"]
+
+
+def write_csv(path: Path, runs: list[Run]) -> None:
+    keys = sorted({k for r in runs for k in r.settings})
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow([*CSV_FIELDS, *keys])
+        for r in runs:
+            s = r.summary or {}
+            w.writerow([r.path.name, r.status, r.epochs_done, r.acc, s.get("best_test_acc"),
+                        s.get("time_s"), s.get("source_density"), s.get("ticket_density"),
+                        s.get("keep"), r.error, *[r.settings.get(k) for k in keys]])
+
+
+def write_report(runs_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+                 evaluate_survival: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Write report.md, results.csv and plots; returns the report.md path."""
+    runs = load_runs(runs_dir)
+    out_dir = Path(out) if out else Path(runs_dir) / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+
+    def note(text: str) -> None:
+        notes.append(text)
+        log(text)
+
+    study = Study(runs, varying_keys(runs))
+    fin = study.finished
+    running = [r for r in runs if r.status == "running"]
+    failed = [r for r in runs if r.status == "failed"]
+    md = [f"# slt report: {Path(runs_dir).name}\n",
+          f"{len(runs)} run directories: {len(fin)} finished, {len(running)} running, "
+          f"{len(failed)} failed. Accuracies are final test accuracies in percent, mean ± "
+          "sample std (number of seeds) over seeds. Produced by `slt report`.\n"]
+    common = {k: v for k, v in runs[0].settings.items() if k not in study.varying}
+    md.append("Settings shared by every run: " + ", ".join(
+        f"`{k}={v}`" for k, v in sorted(common.items())) + ".\n")
+    write_csv(out_dir / "results.csv", runs)
+    plots = _plotter(out_dir, note)
+
+    if fin:
+        header, rows, acc_series = accuracy_table(study)
+        md += ["## Accuracy vs source density\n", markdown_table(header, rows)]
+        md.append(plots.accuracy(acc_series))
+
+        evaluator = Evaluator(evaluate_survival, note)
+        srows = survival_rows(study, evaluator)
+        if srows:
+            header, rows, surv_series = survival_table(study, srows)
+            md += ["## Survival as the source thins\n",
+                   "Each sparser run is set against the dense-source run (d = 1) with the same "
+                   "settings and seed. *Accuracy retained*: its accuracy over the dense run's. "
+                   "*Dense-ticket edges in source*: the fraction of the dense ticket's edges "
+                   "present in the sparser source (sources are nested and weights shared, so "
+                   "these edges carry the same weights). *Surviving part, no search*: the dense "
+                   "ticket restricted to those edges, evaluated as it is. *Searched again*: the "
+                   "ticket searched inside the sparser source.\n",
+                   markdown_table(header, rows)]
+            md.append(plots.survival(surv_series))
+        overlaps = overlap_tables(study)
+        if overlaps:
+            md.append("## Ticket overlap across densities\n\nJaccard |A ∩ B| / |A ∪ B| of the "
+                      "tickets found from the same seed at two source densities.\n")
+            for label, header, rows in overlaps:
+                md += [f"**{label}**\n", markdown_table(header, rows)]
+        widths = width_table(study)
+        if widths:
+            header, rows, w_series = widths
+            md += ["## Width study\n", "w(d) = max(1, 1 / ln(1 / (1 − d))), the factor by which "
+                   "the theory widens a source of density d (`model.width = \"theory\"` in a "
+                   "sweep); * marks the width equal to it.\n", markdown_table(header, rows)]
+            md.append(plots.width(w_series))
+        profiles = layer_profiles(study)
+        if profiles:
+            md += ["## Layerwise source densities\n", _profile_table(profiles)]
+            md.append(plots.profiles(profiles))
+    if running:
+        md += ["## Running\n", markdown_table(["run", "epochs done", "last test acc"], [
+            [r.path.name, f"{r.epochs_done}/{r.config.search.epochs}",
+             fmt_pct([r.acc] if r.acc is not None else [])] for r in running])]
+    if failed:
+        md += ["## Failed\n", markdown_table(["run", "error"],
+                                             [[r.path.name, r.error] for r in failed])]
+    if notes:
+        md += ["## Notes\n", *[f"- {n}\n" for n in notes]]
+    md.append("Per-run figures: `results.csv`.\n")
+    path = out_dir / "report.md"
+    atomic_write_text(path, "\n".join(md))
+    return path
+
+
+def _profile_table(profiles: dict[tuple, dict[float, list[tuple[str, float]]]]) -> str:
+    parts = []
+    for (model, width, scheme), by_d in sorted(profiles.items(), key=str):
+        densities = sorted(by_d, reverse=True)
+        names = [n for n, _ in by_d[densities[0]]]
+        rows = [[name, *[f"{dict(by_d[d])[name]:.3f}" for d in densities]] for name in names]
+        parts += [f"**{model} (width {width:g}), {scheme}**\n",
+                  markdown_table(["layer", *[f"d={d:g}" for d in densities]], rows)]
+    return "\n".join(parts)
+
+
+class _NoPlots:
+    def accuracy(self, series: Any) -> str:
+        return ""
+
+    survival = width = profiles = accuracy
+
+
+def _plotter(out_dir: Path, note: Callable[[str], None]) -> Any:
+    try:
+        from slt.plots import Plots
+    except ImportError:
+        note("matplotlib is not installed (pip install 'slt[plot]'): tables only, no plots")
+        return _NoPlots()
+    return Plots(out_dir)
