@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from slt import __version__
 from slt.errors import SltError
 
-QUICK_CONFIG = "quick.toml"
+DEMO_SWEEP = "demo_sweep.toml"  # packaged: configs/demo_sweep.toml
+DEMO_OUT = "runs/demo"
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -217,10 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_argv() -> list[str]:
+    """The offline default: the demo density sweep on the planted-teacher task, then its
+    report (no files, no network)."""
+    return ["sweep", DEMO_SWEEP, "--out", DEMO_OUT, "--workers", str(min(2, os.cpu_count() or 1))]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:  # the offline default: a quick search on the planted-teacher task
-        argv = ["search", "--config", QUICK_CONFIG]
+    if not argv:
+        argv = default_argv()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

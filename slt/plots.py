@@ -101,10 +101,10 @@ class Plots:
         fig, axes = plt.subplots(1, len(densities), figsize=(4.2 * len(densities), 3.8),
                                  squeeze=False)
         for ax, d in zip(axes[0], densities):
-            for (model, width, scheme), by_d in sorted(profiles.items(), key=str):
+            for key, by_d in sorted(profiles.items(), key=str):
                 if d in by_d:
                     ys = [v for _, v in by_d[d]]
-                    ax.plot(range(len(ys)), ys, marker=".", label=f"{model} w{width:g} {scheme}")
+                    ax.plot(range(len(ys)), ys, marker=".", label=_label(key))
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(f"d = {d:g}")
             ax.set_xlabel("layer")

@@ -47,9 +47,8 @@ class Run:
         return self.config.source.density
 
 
-def settings_of(cfg: Config) -> dict[str, Any]:
-    """The config keys that say what a run computes, flattened; the ticket size as its
-    absolute density; the scheme of a dense run as 'any'."""
+def raw_settings(cfg: Config) -> dict[str, Any]:
+    """The config keys that say what a run computes, flattened, as the run used them."""
     out: dict[str, Any] = {}
     for section, body in cfg.to_dict().items():
         for key, value in body.items():
@@ -57,7 +56,19 @@ def settings_of(cfg: Config) -> dict[str, Any]:
                                                                   ("search", "ticket_density")):
                 continue
             out[f"{section}.{key}"] = tuple(value) if isinstance(value, list) else value
-    out["search.ticket_density"] = round(cfg.ticket_density, 6)
+    return out
+
+
+def settings_of(cfg: Config) -> dict[str, Any]:
+    """`raw_settings` for comparing runs: the ticket size as the run gave it (keep or
+    absolute density), the scheme of a dense run as 'any', a theory width as 'theory'."""
+    out = raw_settings(cfg)
+    # The ticket size as the run set it: a fixed keep (a fraction of the source) compares
+    # across densities as it is; otherwise the absolute ticket density.
+    if cfg.search.keep is not None:
+        out["search.keep"] = round(cfg.search.keep, 6)
+    else:
+        out["search.ticket_density"] = round(cfg.ticket_density, 6)
     if cfg.source.scheme != "custom" and cfg.source.density >= 1.0:
         out[SCHEME] = ANY
     d, w = cfg.source.density, cfg.model.width
@@ -114,35 +125,43 @@ def load_runs(root: str | os.PathLike[str]) -> list[Run]:
 def varying_keys(runs: Iterable[Run]) -> list[str]:
     """Keys with more than one value among the runs (a dense run's scheme 'any' matches
     every scheme, so one scheme plus dense runs is not a varying scheme)."""
+    runs = list(runs)
     values: dict[str, set] = defaultdict(set)
-    for r in runs:
-        for k, v in r.settings.items():
+    for k in {k for r in runs for k in r.settings}:
+        for r in runs:
+            v = r.settings.get(k)  # a key a run lacks (keep vs ticket_density) counts as None
             if not (k == SCHEME and v == ANY):
                 values[k].add(v)
     return sorted(k for k, vs in values.items() if len(vs) > 1)
 
 
-def _dense_view(key: tuple) -> tuple:
-    """What a group's key looks like for a dense run: any scheme, and theory width 1."""
-    return tuple((k, ANY if k == SCHEME else 1.0 if (k == WIDTH and v == THEORY) else v)
-                 for k, v in key)
+def stands_for(run: Run, key: tuple) -> bool:
+    """Whether a run belongs to the group `key`: its own values, where a dense run (scheme
+    'any') stands for every scheme and a width-1 run at a density whose theory width is 1
+    stands for width 'theory' too."""
+    for k, v in key:
+        rv = run.settings.get(k)
+        if rv == v or (k == SCHEME and rv == ANY):
+            continue
+        if (k == WIDTH and v == THEORY and run.config.model.width == 1.0
+                and theory_width(run.density) == 1.0):
+            continue
+        return False
+    return True
 
 
 def group_runs(runs: Iterable[Run], keys: list[str]) -> dict[tuple, list[Run]]:
-    """Runs by their values of `keys`. A dense run (d = 1) joins every group it stands for:
-    any scheme, and width 'theory' (w(1) = 1) as well as its own width."""
+    """Runs by their values of `keys`, each run in every group it stands for; a group whose
+    runs all belong to other groups too (the dense runs' own 'any' group) is dropped."""
     runs = list(runs)
-    out: dict[tuple, list[Run]] = defaultdict(list)
-    for r in runs:
-        if r.density < 1.0:
-            out[key_of(r, keys)].append(r)
-    for r in runs:
-        if r.density >= 1.0:
-            k = key_of(r, keys)
-            homes = [g for g in out if _dense_view(g) == _dense_view(k)]
-            for g in homes or [k]:
-                out[g].append(r)
-    return dict(sorted(out.items(), key=lambda kv: str(kv[0])))
+    out: dict[tuple, list[Run]] = {}
+    for g in sorted({key_of(r, keys) for r in runs}, key=str):
+        out[g] = [r for r in runs if stands_for(r, g)]
+    for g in list(out):
+        others = [h for h in out if h != g]
+        if all(any(r in out[h] for h in others) for r in out[g]):
+            del out[g]
+    return out
 
 
 def key_of(run: Run, keys: Iterable[str]) -> tuple:
@@ -150,8 +169,9 @@ def key_of(run: Run, keys: Iterable[str]) -> tuple:
 
 
 def label_of(key: tuple) -> str:
-    short = {"search.ticket_density": "t", WIDTH: "width", SCHEME: "scheme", "search.scorer":
-             "scorer", "model.name": "model", "data.name": "data", "search.scope": "scope"}
+    short = {"search.ticket_density": "t", "search.keep": "keep", WIDTH: "width",
+             SCHEME: "scheme", "search.scorer": "scorer", "model.name": "model",
+             "data.name": "data", "search.scope": "scope"}
     return ", ".join(f"{short.get(k, k)}={v:g}" if isinstance(v, float) else
                      f"{short.get(k, k)}={v}" for k, v in key) or "all runs"
 
@@ -207,6 +227,16 @@ def _load_ticket(run: Run) -> Any:
         return None
 
 
+def _ticket_digest(run: Run) -> str | None:
+    """The ticket file's own SHA-256 (its last 32 bytes): identifies its contents cheaply."""
+    try:
+        with open(run.path / "ticket.slt", "rb") as fh:
+            fh.seek(-32, os.SEEK_END)
+            return fh.read(32).hex()
+    except OSError:
+        return None
+
+
 def _searched_masks(ticket: Any) -> tuple[list, list]:
     layers = [tl for tl in ticket.layers if tl.searched]
     return [tl.mask for tl in layers], [tl.source_mask for tl in layers]
@@ -219,11 +249,11 @@ class Evaluator:
     def __init__(self, enabled: bool, note: Callable[[str], None]):
         self.enabled = enabled
         self.note = note
-        self.failed = False
+        self.failed: set[str] = set()  # datasets that could not be loaded here
         self._data: dict[str, Any] = {}
 
     def __call__(self, dense_ticket: Any, masks: list) -> float | None:
-        if not self.enabled or self.failed:
+        if not self.enabled:
             return None
         import torch
 
@@ -236,13 +266,15 @@ class Evaluator:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(
                 cfg.data, root=os.environ["SLT_DATA"]))
         device = resolve_device("auto")
+        name = repr(cfg.data)
+        if name in self.failed:
+            return None
         try:
-            name = repr(cfg.data)
             if name not in self._data:
                 self._data[name] = Batches(load_data(cfg.data), device)
             net = ticket_io.rebuild(dense_ticket, device)
         except SltError as exc:
-            self.failed = True
+            self.failed.add(name)
             self.note(f"surviving tickets were not evaluated: {exc}")
             return None
         dense_sources = _searched_masks(dense_ticket)[1]
@@ -257,8 +289,7 @@ def survival_rows(study: Study, evaluator: Evaluator) -> list[dict[str, Any]]:
     fraction of the dense ticket's edges in its source, the accuracy of that surviving part
     (no new search, cached in the sparse run's folder), and its own re-searched accuracy."""
     match = [k for k in study.varying if k not in (DENSITY, SCHEME)]
-    dense = {key_of(r, match): r for r in study.finished if r.settings.get(SCHEME) == ANY
-             and r.density >= 1.0}
+    dense = {key_of(r, match): r for r in study.finished if r.density >= 1.0}
     out = []
     for r in study.finished:
         if r.density >= 1.0:
@@ -267,21 +298,25 @@ def survival_rows(study: Study, evaluator: Evaluator) -> list[dict[str, Any]]:
         if d_run is None:
             continue
         cache = r.path / f"survival-{config_hash(d_run.config)}.json"
+        digests = [_ticket_digest(d_run), _ticket_digest(r)]
+        if None in digests:
+            continue
         cached = _read_json(cache) or {}
-        if "fraction" not in cached or ("surviving_acc" not in cached and evaluator.enabled
-                                        and not evaluator.failed):
+        if cached.get("tickets") != digests:
+            cached = {}  # either ticket changed since (a rerun): compute again
+        if "fraction" not in cached or ("surviving_acc" not in cached and evaluator.enabled):
             dt, st = _load_ticket(d_run), _load_ticket(r)
             if dt is None or st is None:
                 continue
             d_masks, _ = _searched_masks(dt)
             s_masks, s_sources = _searched_masks(st)
-            cached = {"dense_run": d_run.path.name,
+            cached = {"dense_run": d_run.path.name, "tickets": digests,
                       "fraction": surviving_fraction(d_masks, s_sources),
                       "jaccard": jaccard(d_masks, s_masks)}
             acc = evaluator(dt, surviving(d_masks, s_sources))
             if acc is not None:
                 cached["surviving_acc"] = acc
-                atomic_write_text(cache, json.dumps(cached, indent=2) + "\n")
+            atomic_write_text(cache, json.dumps(cached, indent=2) + "\n")
         out.append({"run": r, "dense": d_run, **cached})
     return out
 
@@ -372,15 +407,23 @@ def width_table(study: Study) -> tuple[list[str], list[list[str]], dict[tuple, d
 
 
 def layer_profiles(study: Study) -> dict[tuple, dict[float, list[tuple[str, float]]]]:
-    """(model, scheme) -> density -> [(layer, d_l)] from the runs' summaries."""
+    """group -> density -> [(layer, d_l)] from the runs' summaries, one profile per group of
+    the settings that vary (seed aside), at the narrowest width in a width study."""
+    keys = study.group_keys((DENSITY, SEED, WIDTH))
+    narrowest: dict[tuple, float] = {}
+    for r in study.finished:
+        k = key_of(r, keys)
+        narrowest[k] = min(narrowest.get(k, math.inf), r.config.model.width)
     out: dict[tuple, dict[float, list[tuple[str, float]]]] = defaultdict(dict)
     for r in study.finished:
         assert r.summary is not None
-        if r.density >= 1.0:
+        k = key_of(r, keys)
+        if r.density >= 1.0 or r.config.model.width != narrowest[k]:
             continue
-        key = (r.config.model.name, r.config.model.width, r.config.source.scheme)
-        out[key][r.density] = [(row["name"], row["source_density"])
-                               for row in r.summary["layers"]]
+        label = (*k, ("model", r.config.model.name), (WIDTH, r.config.model.width))
+        out[label][r.density] = [
+            (f"{row['name']} ({'×'.join(str(n) for n in row.get('shape', []))})",
+             row["source_density"]) for row in r.summary["layers"]]
     return dict(out)
 
 
@@ -398,15 +441,17 @@ CSV_FIELDS = ["run_id", "status", "epochs_done", "final_test_acc", "best_test_ac
 
 
 def write_csv(path: Path, runs: list[Run]) -> None:
-    keys = sorted({k for r in runs for k in r.settings})
+    raw = [raw_settings(r.config) for r in runs]
+    keys = sorted({k for x in raw for k in x})
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow([*CSV_FIELDS, *keys])
-        for r in runs:
+        w.writerow([*CSV_FIELDS, "search.keep", "search.ticket_density", *keys])
+        for r, values in zip(runs, raw):
             s = r.summary or {}
             w.writerow([r.path.name, r.status, r.epochs_done, r.acc, s.get("best_test_acc"),
                         s.get("time_s"), s.get("source_density"), s.get("ticket_density"),
-                        s.get("keep"), r.error, *[r.settings.get(k) for k in keys]])
+                        s.get("keep"), r.error, r.config.search.keep,
+                        r.config.search.ticket_density, *[values.get(k) for k in keys]])
 
 
 def write_report(runs_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
@@ -429,7 +474,9 @@ def write_report(runs_dir: str | os.PathLike[str], out: str | os.PathLike[str] |
           f"{len(runs)} run directories: {len(fin)} finished, {len(running)} running, "
           f"{len(failed)} failed. Accuracies are final test accuracies in percent, mean ± "
           "sample std (number of seeds) over seeds. Produced by `slt report`.\n"]
-    common = {k: v for k, v in runs[0].settings.items() if k not in study.varying}
+    first = {**raw_settings(runs[0].config), **{k: v for k, v in runs[0].settings.items()
+                                                 if k.startswith("search.")}}
+    common = {k: v for k, v in first.items() if k not in study.varying}
     md.append("Settings shared by every run: " + ", ".join(
         f"`{k}={v}`" for k, v in sorted(common.items())) + ".\n")
     write_csv(out_dir / "results.csv", runs)
@@ -488,11 +535,12 @@ def write_report(runs_dir: str | os.PathLike[str], out: str | os.PathLike[str] |
 
 def _profile_table(profiles: dict[tuple, dict[float, list[tuple[str, float]]]]) -> str:
     parts = []
-    for (model, width, scheme), by_d in sorted(profiles.items(), key=str):
+    for key, by_d in sorted(profiles.items(), key=str):
         densities = sorted(by_d, reverse=True)
-        names = [n for n, _ in by_d[densities[0]]]
-        rows = [[name, *[f"{dict(by_d[d])[name]:.3f}" for d in densities]] for name in names]
-        parts += [f"**{model} (width {width:g}), {scheme}**\n",
+        names = list(dict.fromkeys(n for d in densities for n, _ in by_d[d]))
+        rows = [[name, *[f"{dict(by_d[d])[name]:.3f}" if name in dict(by_d[d]) else "–"
+                         for d in densities]] for name in names]
+        parts += [f"**{label_of(key)}**\n",
                   markdown_table(["layer", *[f"d={d:g}" for d in densities]], rows)]
     return "\n".join(parts)
 

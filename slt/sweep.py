@@ -26,6 +26,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -168,12 +169,11 @@ def run_point(cfg: Config, out_root: str) -> tuple[str, str]:
     try:
         result = run_search(cfg, root, log=lambda _: None)
         return result.status, ""
-    except BaseException as exc:  # recorded, not raised: one point must not stop the sweep
+    except Exception as exc:  # recorded, not raised: one point must not stop the sweep
         message = f"{type(exc).__name__}: {exc}".strip()
         _write_error(cfg, root, message, traceback.format_exc())
-        if isinstance(exc, KeyboardInterrupt):
-            raise
         return "failed", message
+    # KeyboardInterrupt passes: an interrupted run resumes on the next sweep, not a failure
 
 
 def _with_threads(cfg: Config, threads: int) -> Config:
@@ -186,9 +186,14 @@ def _with_threads(cfg: Config, threads: int) -> Config:
 
 @dataclass
 class SweepOutcome:
+    """What happened to each run (`done`, `failed`; one entry per run directory) and to the
+    points that were not valid (`skipped`). `points` are all valid points, several of which
+    may share one run."""
+
     done: list[tuple[Point, str]] = field(default_factory=list)  # (point, status)
     failed: list[tuple[Point, str]] = field(default_factory=list)  # (point, error)
     skipped: list[Point] = field(default_factory=list)
+    points: list[Point] = field(default_factory=list)
 
 
 def _results(points: list[Point], out_root: Path, workers: int,
@@ -200,17 +205,28 @@ def _results(points: list[Point], out_root: Path, workers: int,
             yield p, runner(p.config, str(out_root))
         return
     ctx = get_context("spawn")  # a fresh interpreter per worker: no inherited torch state
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        pending: dict[Future, Point] = {}
-        queue = list(points)
-        while queue or pending:
-            while queue and len(pending) < workers:
-                p = queue.pop(0)
-                assert p.config is not None
-                pending[pool.submit(runner, p.config, str(out_root))] = p
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                yield pending.pop(fut), fut.result()
+    queue = list(points)
+    while queue:
+        # A worker that dies (killed, out of memory) breaks the pool: its points are
+        # recorded as failed and a new pool takes the rest.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            pending: dict[Future, Point] = {}
+            broken = False
+            while (queue and not broken) or pending:
+                while queue and not broken and len(pending) < workers:
+                    p = queue.pop(0)
+                    assert p.config is not None
+                    pending[pool.submit(runner, p.config, str(out_root))] = p
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    p = pending.pop(fut)
+                    try:
+                        yield p, fut.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        message = "the worker process running it died"
+                        _write_error(p.config, Path(out_root), message, "")  # type: ignore[arg-type]
+                        yield p, ("failed", message)
 
 
 def run_sweep(sweep: Sweep, out_root: str | os.PathLike[str], workers: int = 1,
@@ -229,6 +245,7 @@ def run_sweep(sweep: Sweep, out_root: str | os.PathLike[str], workers: int = 1,
     for p in todo:
         assert p.config is not None
         unique.setdefault(run_id(p.config), Point(p.values, _with_threads(p.config, threads)))
+    outcome.points = todo
     for p in outcome.skipped:
         log(f"skipped ({p.label()}): {p.skipped}")
     if not unique:
@@ -253,11 +270,17 @@ def run_sweep(sweep: Sweep, out_root: str | os.PathLike[str], workers: int = 1,
 
 
 def _write_manifest(sweep: Sweep, root: Path, outcome: SweepOutcome, seconds: float) -> None:
-    """sweep-<name>.json in the output folder: every point, its run id and status."""
-    rows = [{"values": p.values, "run_id": run_id(p.config), "status": s}  # type: ignore[arg-type]
-            for p, s in outcome.done]
-    rows += [{"values": p.values, "run_id": run_id(p.config), "status": "failed",  # type: ignore[arg-type]
-              "error": e} for p, e in outcome.failed]
+    """sweep-<name>.json in the output folder: every point, its run id and its run's status
+    (points that share a run share its status)."""
+    status: dict[str, dict[str, str]] = {}
+    for p, s in outcome.done:
+        status[run_id(p.config)] = {"status": s}  # type: ignore[arg-type]
+    for p, e in outcome.failed:
+        status[run_id(p.config)] = {"status": "failed", "error": e}  # type: ignore[arg-type]
+    rows: list[dict[str, Any]] = []
+    for p in outcome.points:
+        rid = run_id(p.config)  # type: ignore[arg-type]
+        rows.append({"values": p.values, "run_id": rid, **status.get(rid, {"status": "not run"})})
     rows += [{"values": p.values, "status": "skipped", "reason": p.skipped}
              for p in outcome.skipped]
     body = {"sweep": str(sweep.path), "axes": sweep.axes, "set": sweep.fixed,

@@ -120,6 +120,7 @@ def test_wheel_ships_configs_and_kernels(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("slt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for name in ("slt/configs/quick.toml", "slt/configs/mnist_lenet.toml", "slt/cli.py",
+    for name in ("slt/configs/quick.toml", "slt/configs/mnist_lenet.toml",
+                 "slt/configs/demo_sweep.toml", "slt/cli.py", "slt/plots.py",
                  "slt/kernels/segmented_topk.cu", "slt/kernels/topk_binding.cpp"):
         assert name in names

@@ -58,7 +58,8 @@ def fake_run(root: Path, overrides: list[str], acc: float | None, status: str = 
         (run_dir / "summary.json").write_text(json.dumps({
             "final_test_acc": acc, "best_test_acc": acc, "epochs": cfg.search.epochs,
             "time_s": 1.0, "source_density": cfg.source.density,
-            "layers": [{"name": "0", "source_density": cfg.source.density}]}))
+            "layers": [{"name": "0", "shape": [cfg.model.hidden[0], cfg.data.input_dim],
+                        "source_density": cfg.source.density}]}))
     elif status == "running":
         (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc": acc}) + "\n")
     else:
@@ -109,6 +110,39 @@ def test_theory_width_runs_form_one_line(tmp_path) -> None:
     assert "| width=1 | 90.00 | 60.00 |" in text
     assert "| width=theory | 90.00 | 85.00 |" in text
     assert "| all runs | 0.5 | 1.4427 | 60.00 | 85.00* |" in text  # the width study
+
+
+def test_keep_and_ticket_density_runs_stay_apart(tmp_path) -> None:
+    runs = tmp_path / "runs"
+    fake_run(runs, ["source.density=1.0", "search.keep=0.5"], 0.9)
+    fake_run(runs, ["source.density=0.5", "search.keep=0.5"], 0.8)
+    fake_run(runs, ["source.density=1.0", "search.ticket_density=0.05"], 0.6)
+    fake_run(runs, ["source.density=0.5", "search.ticket_density=0.05"], 0.7)
+    text = write_report(runs, log=lambda _: None).read_text()
+    assert "| keep=0.5, t=None | 90.00 | 80.00 |" in text
+    assert "| keep=None, t=0.05 | 60.00 | 70.00 |" in text
+
+
+def test_width_one_is_the_theory_width_where_w_is_one(tmp_path) -> None:
+    runs = tmp_path / "runs"
+    t = "search.ticket_density=0.1"
+    fake_run(runs, [t, "source.density=1.0"], 0.9)
+    fake_run(runs, [t, "source.density=0.7"], 0.8)  # w(0.7) = 1: this run is both lines
+    fake_run(runs, [t, "source.density=0.2"], 0.5)
+    fake_run(runs, [t, "source.density=0.2", "model.width=4.4814"], 0.85)
+    text = write_report(runs, log=lambda _: None).read_text()
+    assert "| width=theory | 90.00 | 80.00 | 85.00 |" in text
+    assert "| width=1 | 90.00 | 80.00 | 50.00 |" in text
+
+
+def test_profiles_of_different_networks_do_not_mix(tmp_path) -> None:
+    runs = tmp_path / "runs"
+    for hidden in ("[16, 16]", "[32, 32]"):
+        for d in (0.5, 0.2):
+            fake_run(runs, [f"model.hidden={hidden}", f"source.density={d}",
+                            "search.ticket_density=0.1"], 0.5)
+    text = write_report(runs, log=lambda _: None).read_text()
+    assert "| 0 (16×8) | 0.500 | 0.200 |" in text and "| 0 (32×8) | 0.500 | 0.200 |" in text
 
 
 def test_report_errors(tmp_path, capsys) -> None:
@@ -164,7 +198,19 @@ def test_survival_and_overlap_match_the_ticket_files(tmp_path) -> None:
     j = [jaccard([tl.mask for tl in ticket.load(runs[(s, 1.0)].path / "ticket.slt").layers],
                  [tl.mask for tl in ticket.load(runs[(s, 0.2)].path / "ticket.slt").layers])
          for s in (0, 1)]
-    assert "| d=1 | 1.000 | " in text and f"{sum(j) / 2:.3f} |" in text
+    j5 = [jaccard([tl.mask for tl in ticket.load(runs[(s, 1.0)].path / "ticket.slt").layers],
+                  [tl.mask for tl in ticket.load(runs[(s, 0.5)].path / "ticket.slt").layers])
+          for s in (0, 1)]
+    assert f"| d=1 | 1.000 | {sum(j5) / 2:.3f} | {sum(j) / 2:.3f} |" in text
+    # the cache is used while both tickets are unchanged, recomputed when one changes
+    cache_path = next(runs[(0, 0.2)].path.glob("survival-*.json"))
+    forged = {**cache, "fraction": 0.5}
+    cache_path.write_text(json.dumps(forged))
+    write_report(out, log=lambda _: None)
+    assert json.loads(cache_path.read_text())["fraction"] == 0.5
+    cache_path.write_text(json.dumps({**forged, "tickets": ["0" * 64, "0" * 64]}))
+    write_report(out, log=lambda _: None)
+    assert json.loads(cache_path.read_text())["fraction"] == pytest.approx(fraction)
     for png in ("accuracy_vs_density.png", "survival.png", "layer_densities.png"):
         assert (out / "report" / png).stat().st_size > 10_000
     assert from_dict(dense.config.to_dict()) == dense.config

@@ -120,6 +120,9 @@ def test_points_with_one_run_id_run_once(tmp_path) -> None:
     outcome = run_sweep(load_sweep(path), tmp_path / "runs", progress=False, log=lambda _: None)
     assert len(outcome.done) == 1
     assert len([p for p in (tmp_path / "runs").iterdir() if p.is_dir()]) == 1
+    manifest = json.loads((tmp_path / "runs" / "sweep-sweep.json").read_text())["points"]
+    assert len(manifest) == 4 and len({p["run_id"] for p in manifest}) == 1
+    assert {p["status"] for p in manifest} == {"finished"}
 
 
 def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path, capsys) -> None:
@@ -140,6 +143,30 @@ def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path, capsys) -> 
     assert len(done) == 2 and all(p.name.startswith("planted_teacher-") for p in done)
     report = (out / "report" / "report.md").read_text()
     assert "## Failed" in report and failed[0].name in report
+
+
+def crash_at_half(cfg, out_root):  # module level: worker processes import it
+    import os
+
+    from slt.sweep import run_point
+
+    if cfg.source.density == 0.5 and cfg.run.seed == 0:
+        os._exit(3)  # the worker dies, as one killed for memory would
+    return run_point(cfg, out_root)
+
+
+def test_a_dying_worker_fails_its_point_only(tmp_path) -> None:
+    path = write_sweep(tmp_path, "source.density = [0.5, 1.0]\nrun.seed = [0, 1, 2]\n")
+    outcome = run_sweep(load_sweep(path), tmp_path / "runs", workers=2, progress=False,
+                        log=lambda _: None, runner=crash_at_half)
+    failed = {(p.values["source.density"], p.values["run.seed"]): e for p, e in outcome.failed}
+    assert failed[(0.5, 0)] == "the worker process running it died"
+    point = next(p for p, _ in outcome.failed if p.values == {"source.density": 0.5,
+                                                              "run.seed": 0})
+    error = json.loads((tmp_path / "runs" / run_id(point.config) / "error.json").read_text())
+    assert error["error"] == "the worker process running it died"
+    assert len(outcome.done) + len(outcome.failed) == 6
+    assert len(outcome.done) >= 4  # at most the point beside it in the broken pool is lost
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
@@ -163,3 +190,18 @@ def test_from_dict_round_trip_of_a_point(tmp_path) -> None:
     path = write_sweep(tmp_path, "run.seed = [3]\n")
     point = load_sweep(path).points()[0]
     assert from_dict(point.config.to_dict()) == point.config
+
+
+def test_the_offline_demo_is_the_packaged_density_sweep() -> None:
+    from slt.cli import default_argv
+
+    argv = default_argv()
+    assert argv[:2] == ["sweep", "demo_sweep.toml"] and "--out" in argv
+    points = load_sweep(argv[1]).points()  # found among the packaged configs
+    assert len(points) == 24 and all(p.config is not None for p in points)
+    assert {p.config.data.name for p in points} == {"planted_teacher"}
+    assert {p.config.search.keep for p in points} == {0.5}
+    widths = sorted({(p.config.source.density, p.config.model.width) for p in points})
+    assert widths == [(0.1, 1.0), (0.1, 9.4912), (0.2, 1.0), (0.2, 4.4814), (0.5, 1.0),
+                      (0.5, 1.4427), (1.0, 1.0)]
+    assert len({run_id(p.config) for p in points}) == 21  # d = 1 at width 1 and "theory"
