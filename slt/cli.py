@@ -139,6 +139,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if outcome.failed else 0
 
 
+def cmd_scorers(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from slt.scorers import SCORERS, scorer_class
+
+    for name in SCORERS.names():
+        cls = scorer_class(name)
+        paragraph = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        summary = cls.summary or paragraph.split(". ")[0].rstrip(".")
+        options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options))
+        origin = SCORERS.origins.get(name, "slt")
+        print(f"{name:18s} {summary}" + (f" [options: {options}]" if options else "")
+              + (f" (from {origin})" if origin != "slt" else ""))
+    for name, why in sorted(SCORERS.broken.items()):
+        print(f"{name:18s} failed to load: {why}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from slt.report import write_report
 
@@ -180,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true",
                    help="skip evaluating surviving tickets (needs the data and a forward pass)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("scorers", help="list the installed scoring rules, one line each")
+    p.set_defaults(func=cmd_scorers)
 
     p = sub.add_parser("eval", help="rebuild a saved ticket and report its test accuracy")
     p.add_argument("ticket", help="a ticket.slt file")

@@ -80,7 +80,10 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    scorer: str = _f("edge-popup", "scoring rule")
+    scorer: str = _f("edge-popup", "scoring rule (`slt scorers` lists them); its options go in "
+                     "a [search.scorer] table: name = \"...\", option = value")
+    scorer_options: tuple[tuple[str, Any], ...] = _f(
+        (), "the rule's options from [search.scorer] (set there, not here)")
     keep: float | None = _f(None, "fraction of source edges the ticket keeps (edge-popup's k); "
                             "0.5 when neither keep nor ticket_density is given")
     ticket_density: float | None = _f(None, "fraction of all prunable weights the ticket keeps")
@@ -152,7 +155,24 @@ def _section_dict(section: Any) -> dict[str, Any]:
     for f in fields(section):
         value = getattr(section, f.name)
         out[f.name] = list(value) if isinstance(value, tuple) else value
+    if isinstance(section, SearchConfig):
+        # [search.scorer] is one table: the rule's name and its options
+        options = out.pop("scorer_options")
+        if options:
+            out["scorer"] = {"name": section.scorer, **dict(section.scorer_options)}
     return out
+
+
+def _scorer_table(body: dict[str, Any], origin: str) -> dict[str, Any]:
+    """search.scorer given as a table {name, options...}: split into scorer + options."""
+    if "scorer_options" in body:
+        raise ConfigError(f"{origin}: give scorer options in a [search.scorer] table")
+    table = body.get("scorer")
+    if not isinstance(table, dict):
+        return body
+    table = dict(table)
+    name = table.pop("name", "edge-popup")
+    return {**body, "scorer": name, "scorer_options": tuple(sorted(table.items()))}
 
 
 # --- typing of values --------------------------------------------------------------------
@@ -223,13 +243,18 @@ def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
         body = sections.get(name, {})
         hints = typing.get_type_hints(cls)
         known = [f.name for f in fields(cls)]
+        if name == "search":
+            body = _scorer_table(body, origin)
         kwargs = {}
         for key, value in body.items():
             if key not in known:
                 raise ConfigError(
                     f"unknown key {name}.{key}{did_you_mean(key, known)}"
                 )
-            kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+            if (name, key) == ("search", "scorer_options"):
+                kwargs[key] = value  # checked against the rule's own options in validate()
+            else:
+                kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
         built[name] = cls(**kwargs)
     cfg = Config(**built)
     if cfg.search.keep is None and cfg.search.ticket_density is None:
@@ -245,6 +270,14 @@ def set_key(raw: dict[str, Any], dotted: str, value: Any, origin: str = "--set")
     """Set `section.key` to a (typed) value in nested dicts, in place; typed later by
     `from_dict`. Setting one of keep / ticket_density drops the other."""
     parts = dotted.strip().split(".")
+    if parts[:2] == ["search", "scorer"] and len(parts) == 3 and parts[2]:
+        # search.scorer.OPTION: one option of the rule, in its [search.scorer] table
+        table = raw.setdefault("search", {})
+        current = table.get("scorer", "edge-popup")
+        scorer = dict(current) if isinstance(current, dict) else {"name": current}
+        scorer[parts[2]] = value
+        table["scorer"] = scorer
+        return
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"{origin}: expected section.key, got '{dotted}'")
     section, key = parts
@@ -254,6 +287,9 @@ def set_key(raw: dict[str, Any], dotted: str, value: Any, origin: str = "--set")
             f"{did_you_mean(section, list(SECTIONS))}"
         )
     table = raw.setdefault(section, {})
+    if (section, key) == ("search", "scorer") and isinstance(table.get("scorer"), dict) \
+            and isinstance(value, str):
+        value = {**table["scorer"], "name": value}  # a new rule name keeps the options table
     table[key] = value
     # keep and ticket_density are alternatives: setting one replaces the other.
     if section == "search" and key in ("keep", "ticket_density"):
@@ -261,7 +297,10 @@ def set_key(raw: dict[str, Any], dotted: str, value: Any, origin: str = "--set")
 
 
 def check_key(dotted: str, origin: str) -> None:
-    """ConfigError unless `dotted` names a config key (e.g. source.density)."""
+    """ConfigError unless `dotted` names a config key (e.g. source.density) or a scoring
+    rule's option (search.scorer.NAME, checked against the rule when the config is built)."""
+    if dotted.startswith("search.scorer.") and dotted.count(".") == 2:
+        return
     keys = [k for k, _, _ in describe()]
     if dotted not in keys:
         raise ConfigError(f"{origin}: unknown key '{dotted}'{did_you_mean(dotted, keys)}")
@@ -274,7 +313,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"--set expects section.key=value, got '{item}'")
         dotted, text = item.split("=", 1)
-        if len(dotted.strip().split(".")) != 2:
+        if len(dotted.strip().split(".")) != 2 and not dotted.strip().startswith(
+                "search.scorer."):
             raise ConfigError(f"--set expects section.key=value, got '{item}'")
         set_key(out, dotted, parse_value(text.strip()))
     return out
@@ -351,7 +391,7 @@ def validate(cfg: Config) -> None:
     data.DATASETS.get(cfg.data.name)
     models.MODELS.get(cfg.model.name)
     source.INITS.get(cfg.model.init)
-    scorers.SCORERS.get(cfg.search.scorer)
+    scorers.scorer_options(cfg.search.scorer, dict(cfg.search.scorer_options))
     if cfg.source.scheme != "custom":
         source.SCHEMES.get(cfg.source.scheme)
     elif not cfg.source.layer_densities:
@@ -416,6 +456,8 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table, e.g. search.scorer with its options
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
@@ -463,6 +505,8 @@ def describe() -> list[tuple[str, str, str]]:
     rows = []
     for section, cls in SECTIONS.items():
         for f in fields(cls):
+            if f.name == "scorer_options":
+                continue  # set through the [search.scorer] table (see `slt scorers`)
             default = f.default if f.default is not dataclasses.MISSING else None
             rows.append((f"{section}.{f.name}", repr(default), f.metadata.get("help", "")))
     return rows

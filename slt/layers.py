@@ -33,6 +33,7 @@ class MaskedLayer(nn.Module):
         self.searched = True
         self.dense_source = False
         self.effective_src: Tensor | None = None
+        self.init_args = ("kaiming_normal", 1.0)  # weight init and its density scale
 
     @property
     def n_source(self) -> int:

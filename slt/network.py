@@ -57,7 +57,8 @@ class SltNetwork(nn.Module):
     def refresh(self) -> None:
         """Recompute every searched layer's effective weights from the current scores."""
         layers = self.searched_layers
-        for layer, eff in zip(layers, self.scorer.effective_weights(layers, self.budget)):
+        effective = self.scorer.effective_weights(layers, self.budget, self.training)
+        for layer, eff in zip(layers, effective):
             layer.effective_src = eff
 
     def forward(self, x: Tensor) -> Tensor:
@@ -161,7 +162,8 @@ def build_network(cfg: Config, spec: DataSpec) -> SltNetwork:
     budget, keep = _budget(cfg, searched_src, [layer.numel for layer in search_layers])
     _check_layers(cfg, [names[id(layer)] for layer in search_layers], searched_src, budget)
 
-    scorer = create_scorer(cfg.search.scorer)
+    scorer = create_scorer(cfg.search.scorer, dict(cfg.search.scorer_options))
+    scorer.target_keep = keep
     infos = []
     for i, (layer, is_searched, n_src) in enumerate(zip(layers, searched, src)):
         mask = (nested_mask(layer.weight_shape, n_src, cfg.source.seed, i) if is_searched
@@ -172,6 +174,7 @@ def build_network(cfg: Config, spec: DataSpec) -> SltNetwork:
             "ticket": keep * n_src / layer.numel,
         }[cfg.model.init_scale] if is_searched else 1.0
         weight = init_weight(cfg.model.init, layer.weight_shape, cfg.run.seed, i, scale)
+        layer.init_args = (cfg.model.init, max(scale, 1.0 / layer.numel))
         layer.set_source(weight, mask, is_searched)
         if is_searched:
             scores = scorer.init_scores(layer, generator("scores", cfg.run.seed, i))

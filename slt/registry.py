@@ -22,11 +22,34 @@ def did_you_mean(name: str, choices: list[str]) -> str:
 
 
 class Registry(Generic[T]):
-    """Maps names to objects of one kind."""
+    """Maps names to objects of one kind. With an entry-point group, objects that other
+    installed packages declare there join the first time the registry is read."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._group = entry_point_group
+        self._loaded = entry_point_group is None
+        self.origins: dict[str, str] = {}  # name -> distribution, for plug-ins
+        self.broken: dict[str, str] = {}  # plug-in name -> why it did not load
+
+    def _load_entry_points(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=self._group):
+            if ep.name in self._items:
+                continue
+            try:
+                obj = ep.load()
+            except Exception as exc:  # a broken plug-in must not break the others
+                self.broken[ep.name] = f"{type(exc).__name__}: {exc}"
+                continue
+            if ep.name not in self._items:  # the module may register itself on import
+                self._items[ep.name] = obj
+            self.origins[ep.name] = ep.dist.name if ep.dist else ep.value
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: register the decorated object under `name`."""
@@ -41,6 +64,11 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._items:
+            self._load_entry_points()
+        if name in self.broken:
+            raise ConfigError(f"{self.kind} '{name}' is installed but failed to load: "
+                              f"{self.broken[name]}")
+        if name not in self._items:
             raise ConfigError(
                 f"unknown {self.kind} '{name}'{did_you_mean(name, self.names())}; "
                 f"known: {', '.join(self.names())}"
@@ -48,9 +76,11 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def names(self) -> list[str]:
+        self._load_entry_points()
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
+        self._load_entry_points()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:

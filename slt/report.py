@@ -55,6 +55,9 @@ def raw_settings(cfg: Config) -> dict[str, Any]:
             if (section, key) in NOT_HASHED or (section, key) in (("search", "keep"),
                                                                   ("search", "ticket_density")):
                 continue
+            if isinstance(value, dict):  # a rule with options: "iterand(rate=0.2)"
+                value = value["name"] + "(" + ", ".join(
+                    f"{k}={v}" for k, v in value.items() if k != "name") + ")"
             out[f"{section}.{key}"] = tuple(value) if isinstance(value, list) else value
     return out
 

@@ -26,6 +26,7 @@ from slt.data import Batches, load_data
 from slt.errors import ConfigError, NonFiniteScoreError, SltError
 from slt.fileio import atomic_torch_save, atomic_write_text
 from slt.network import SltNetwork, build_network
+from slt.scorers import EpochContext
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,8 @@ def run_search(
         if ckpt.get("config_hash") != config_hash(cfg):
             raise SltError(f"{ckpt_path} belongs to another config; move it away to restart")
         net.body.load_state_dict(ckpt["model"])
+        for layer, weight in zip(net.searched_layers, ckpt.get("weights", [])):
+            layer.weight_src = weight.to(device)  # weights a rule has re-randomised
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, best_acc = ckpt["epoch"], ckpt["best_test_acc"]
@@ -146,8 +149,10 @@ def run_search(
 
     test_loss, test_acc = (rows[-1]["test_loss"], rows[-1]["test_acc"]) if rows else (0.0, 0.0)
     done_now = 0
+    scorer, searched = net.scorer, net.searched_layers
     for epoch in range(start_epoch + 1, s.epochs + 1):
         t0 = time.perf_counter()
+        scorer.on_epoch_start(EpochContext(epoch, s.epochs, cfg.run.seed, searched, net.budget))
         net.train()
         # Running sums stay on the device: no host sync per step (only for the bar's text).
         loss_sum = torch.zeros((), device=device)
@@ -163,9 +168,11 @@ def run_search(
                 raise SltError(f"epoch {epoch}: {exc}; the search diverged, lower search.lr "
                                f"(now {s.lr})") from None
             loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
+            reg = scorer.regulariser(searched)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if reg is None else loss + reg).backward()
             optimizer.step()
+            scorer.after_step(searched)
             scheduler.step()
             loss_sum += loss.detach() * y.numel()
             correct += (out.argmax(1) == y).sum()
@@ -189,6 +196,8 @@ def run_search(
             "model": net.body.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "epoch": epoch, "best_test_acc": best_acc,
             "best_epoch": best_epoch, "elapsed": elapsed, "config_hash": config_hash(cfg),
+            **({"weights": [layer.weight_src for layer in searched]}
+               if scorer.stores_weights else {}),
         })
         log(f"epoch {epoch}/{s.epochs}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f}  test acc {test_acc:.4f}  ({epoch_time:.1f}s)")

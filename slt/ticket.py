@@ -101,7 +101,10 @@ def save(
     metrics: dict[str, float] | None = None,
     embed_weights: bool = False,
 ) -> None:
-    """Write the ticket given by compact `masks` (one per searched layer) atomically."""
+    """Write the ticket given by compact `masks` (one per searched layer) atomically.
+
+    Rules that change or sign-fold weights (`stores_weights`) always embed them."""
+    embed_weights = embed_weights or net.scorer.stores_weights
     payload = bytearray()
 
     def put(data: bytes) -> list[int]:
@@ -122,7 +125,8 @@ def save(
                "n_ticket": int(compact.sum()), "source": put(_pack(source)),
                "ticket": put(_pack(full)), "weight": None}
         if embed_weights:
-            weight = layer.expand(layer.weight_src.detach()).cpu().to(torch.float32)
+            compact_w = net.scorer.ticket_weights(layer) if layer.searched else layer.weight_src
+            weight = layer.expand(compact_w.detach()).cpu().to(torch.float32)
             row["weight"] = put(weight.contiguous().numpy().tobytes())
         layer_rows.append(row)
     buffer_rows = []

@@ -145,6 +145,17 @@ def test_profiles_of_different_networks_do_not_mix(tmp_path) -> None:
     assert "| 0 (16×8) | 0.500 | 0.200 |" in text and "| 0 (32×8) | 0.500 | 0.200 |" in text
 
 
+def test_rules_with_options_are_settings(tmp_path) -> None:
+    runs = tmp_path / "runs"
+    t = "search.ticket_density=0.1"
+    fake_run(runs, [t, "source.density=0.5", "search.scorer=iterand",
+                    "search.scorer.rate=0.2"], 0.7)
+    fake_run(runs, [t, "source.density=0.5", "search.scorer=edge-popup"], 0.6)
+    text = write_report(runs, log=lambda _: None).read_text()
+    assert "| scorer=edge-popup | 60.00 |" in text
+    assert "| scorer=iterand(rate=0.2) | 70.00 |" in text
+
+
 def test_report_errors(tmp_path, capsys) -> None:
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "no such folder of runs" in capsys.readouterr().err
