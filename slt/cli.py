@@ -145,7 +145,11 @@ def cmd_scorers(args: argparse.Namespace) -> int:
     from slt.scorers import SCORERS, scorer_class
 
     for name in SCORERS.names():
-        cls = scorer_class(name)
+        try:
+            cls = scorer_class(name)
+        except SltError as exc:  # a plug-in that is not a Scorer: listed, not fatal
+            print(f"{name:18s} unusable: {exc}")
+            continue
         paragraph = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
         summary = cls.summary or paragraph.split(". ")[0].rstrip(".")
         options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options))

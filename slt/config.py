@@ -263,7 +263,14 @@ def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
     if not cfg.data.root:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=default_data_root()))
     validate(cfg)
-    return cfg
+    # The rule's options as validated, every field filled in: one computation, one run id
+    # (lam = 0 and lam = 0.0, or a default given or left out).
+    from slt.scorers import scorer_options
+
+    options = dataclasses.asdict(scorer_options(cfg.search.scorer,
+                                                dict(cfg.search.scorer_options)))
+    return dataclasses.replace(cfg, search=dataclasses.replace(
+        cfg.search, scorer_options=tuple(sorted(options.items()))))
 
 
 def set_key(raw: dict[str, Any], dotted: str, value: Any, origin: str = "--set") -> None:

@@ -41,6 +41,7 @@ class Registry(Generic[T]):
 
         for ep in entry_points(group=self._group):
             if ep.name in self._items:
+                self.broken[f"{ep.name} ({ep.value})"] = "the name is taken by a built-in one"
                 continue
             try:
                 obj = ep.load()

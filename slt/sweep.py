@@ -68,12 +68,21 @@ def theory_width(density: float) -> float:
 
 
 def _flatten(table: dict[str, Any], origin: str) -> dict[str, Any]:
-    """{"source": {"density": v}} (TOML dotted keys) -> {"source.density": v}."""
+    """{"source": {"density": v}} (TOML dotted keys) -> {"source.density": v}; a scoring
+    rule's table {"search": {"scorer": {"name": n, "lam": v}}} -> search.scorer = n and
+    search.scorer.lam = v."""
     flat: dict[str, Any] = {}
     for section, body in table.items():
         if not isinstance(body, dict):
             raise ConfigError(f"{origin}: '{section}' must be section.key = value")
         for key, value in body.items():
+            if (section, key) == ("search", "scorer") and isinstance(value, dict):
+                if "name" in value:
+                    flat["search.scorer"] = value["name"]
+                for option, v in value.items():
+                    if option != "name":
+                        flat[f"search.scorer.{option}"] = v
+                continue
             dotted = f"{section}.{key}"
             check_key(dotted, origin)
             flat[dotted] = value
@@ -112,7 +121,9 @@ class Sweep:
         raw = {k: dict(v) for k, v in self.base.items()}
         settings = {**self.fixed, **values, **overrides}
         theory = settings.get("model.width") == THEORY
-        for dotted, value in settings.items():
+        # the rule's name before its options, so options are never dropped by a new name
+        order = sorted(settings, key=lambda k: k.startswith("search.scorer."))
+        for dotted, value in ((k, settings[k]) for k in order):
             if not (dotted == "model.width" and theory):
                 set_key(raw, dotted, value, str(self.path))
         try:

@@ -218,7 +218,16 @@ def test_scorer_options_in_the_config(tmp_path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[search]\nkeep = 0.5\n[search.scorer]\nname = "iterand"\nrate = 0.25\n')
     cfg = config.load(path)
-    assert cfg.search.scorer == "iterand" and dict(cfg.search.scorer_options) == {"rate": 0.25}
+    # validated options are stored whole, defaults included: one computation, one run id
+    assert cfg.search.scorer == "iterand"
+    assert dict(cfg.search.scorer_options) == {"every": 1, "rate": 0.25}
+    same = config.load(path, ["search.scorer.every=1"])
+    assert config.run_id(same) == config.run_id(cfg)
+    gem = [config.load(None, ["search.scorer=gem-miner", f"search.scorer.lam={v}"])
+           for v in ("0", "0.0")]
+    assert config.run_id(gem[0]) == config.run_id(gem[1])
+    with pytest.raises(ConfigError, match="search.scorer.lam must be a finite number"):
+        config.load(None, ["search.scorer=gem-miner", "search.scorer.lam=nan"])
     assert create_scorer("iterand", {"rate": 0.25}).options.rate == 0.25
     again = tmp_path / "again.toml"
     again.write_text(config.to_toml(cfg))
@@ -236,6 +245,33 @@ def test_scorer_options_in_the_config(tmp_path) -> None:
     with pytest.raises(ConfigError, match="unknown option search.scorer.rate for scorer "
                                           "'biprop'"):
         config.load(path, ["search.scorer=biprop"])  # the options stay with the table
+
+
+def test_scorer_options_in_sweeps(tmp_path) -> None:
+    from slt.sweep import load_sweep
+
+    path = tmp_path / "s.toml"
+    path.write_text('[set]\nsearch.scorer.name = "gem-miner"\nsearch.scorer.lam = 0.001\n'
+                    "[axes]\nsearch.scorer.prune_every = [1, 3]\nrun.seed = [0]\n")
+    points = load_sweep(path).points()
+    assert [(p.config.search.scorer, dict(p.config.search.scorer_options)) for p in points] == [
+        ("gem-miner", {"lam": 0.001, "prune_every": 1}),
+        ("gem-miner", {"lam": 0.001, "prune_every": 3})]
+    # a rule name swept over keeps the options set for every point
+    path.write_text('[set]\nsearch.scorer.every = 2\n[axes]\nsearch.scorer.name = '
+                    '["iterand", "edge-popup"]\n')
+    iterand, popup = load_sweep(path).points()
+    assert dict(iterand.config.search.scorer_options)["every"] == 2
+    assert popup.config is None  # skipped and listed: edge-popup has no such option
+    assert "unknown option search.scorer.every for scorer 'edge-popup'" in popup.skipped
+
+
+def test_signed_supermask_gradient_is_straight_through() -> None:
+    net, _ = net_for("signed-supermask")
+    layer = net.searched_layers[0]
+    m = net.scorer.masks([layer], Budget("layer", (net.budget.layer_k[0],), 0), True)[0]
+    (m * torch.arange(m.numel(), dtype=m.dtype)).sum().backward()
+    assert torch.equal(layer.scores.grad, torch.arange(m.numel(), dtype=m.dtype))
 
 
 def example_plugin(root: Path) -> Path:

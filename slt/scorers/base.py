@@ -168,6 +168,9 @@ def options_of(cls: type[Scorer], given: dict[str, Any], coerce: Any) -> Any:
                               f"{did_you_mean(key, list(known))}; its options: {options}")
     hints = __import__("typing").get_type_hints(cls.Options)
     values = {k: coerce(f"search.scorer.{k}", v, hints[k]) for k, v in given.items()}
+    for k, v in values.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"search.scorer.{k} must be a finite number, got {v}")
     opts = cls.Options(**values)
     check = getattr(opts, "check", None)
     if check is not None:

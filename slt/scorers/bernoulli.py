@@ -25,8 +25,10 @@ class Bernoulli(Scorer):
     Zhou et al. threshold at sigmoid(s) > 0.5 with a free density; here the threshold is
     the k-th largest score, so the ticket has exactly the run's budget and rules compare
     at one density. Scores start at logit(keep) plus the usual small uniform noise, so the
-    expected training density starts at the target. Samples come from a generator seeded
-    by (run seed, epoch), so a resumed run draws what an uninterrupted one draws.
+    expected training density starts at the target (weight decay on the scores pulls it
+    towards 1/2 over the run; set search.weight_decay = 0 to avoid that). Samples come
+    from a generator seeded by (run seed, epoch), so a resumed run draws what an
+    uninterrupted one draws.
     """
 
     name = "bernoulli"

@@ -23,7 +23,10 @@ class Biprop(Scorer):
     """biprop: binary weights sign(w) * alpha on the top-k edges by |score|, with one gain
     per layer alpha = sum(|w| * m) / sum(m), the mean |w| over kept edges.
 
-    m = top_k(|s|) straight through; w_eff = alpha * sign(w) * m.
+    m = top_k(|s|) straight through; w_eff = alpha * sign(w) * m, so the scores receive
+    dL/ds = dL/dw_eff * alpha * sign(w) * sign(s), with alpha held constant in the
+    backward pass. The authors' code routes the gradient differently (per-edge weight
+    magnitudes); slt uses the plain chain rule through the expression above.
     """
 
     name = "biprop"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from slt.errors import ConfigError
@@ -19,8 +20,8 @@ from slt.source import count_of
 class EdgePopup(Scorer):
     """edge-popup: keep the top-k source edges by |score|, per layer or global (search.scope).
 
-    m = top_k(|s|); w_eff = w * m; dL/ds = dL/dm (straight through the mask and |.|, as in
-    the reference code).
+    m = top_k(|s|); w_eff = w * m; dL/ds = dL/dm * sign(s) (straight through the top-k,
+    then through |.|, as in the reference code).
     """
 
     name = "edge-popup"
@@ -53,7 +54,9 @@ class GlobalEdgePopup(EdgePopup):
 
     k(e) = k_T + (n_S - k_T) * (1 - min(1, (e - 1) / E))^3 over all layers at once, where
     n_S is the number of source edges, k_T the target and E = anneal_epochs (at most the
-    run's epochs - 1); epochs e >= E + 1 and the ticket use exactly k_T.
+    run's epochs - 1); epochs e >= E + 1 and the ticket use exactly k_T. The rule is
+    global whatever search.scope says; while it anneals, the per-epoch test accuracy is
+    that of the denser mask in force.
     """
 
     name = "global-edge-popup"
@@ -77,8 +80,9 @@ class GlobalEdgePopup(EdgePopup):
         return Budget("global", budget.layer_k, k)
 
     def ticket_masks(self, layers: Sequence[MaskedLayer], budget: Budget) -> list[Tensor]:
-        self.total_k = None  # the ticket is always at the target
-        return super().ticket_masks(layers, budget)
+        target = Budget("global", budget.layer_k, budget.total_k)  # always the target
+        with torch.no_grad():
+            return [m != 0 for m in topk_masks([la.scores.abs() for la in layers], target)]
 
 
 def annealed_k(epoch: int, anneal_epochs: int, n_source: int, target: int) -> int:

@@ -47,7 +47,11 @@ class GemMiner(Scorer):
     that zeroes the scores of all edges outside the top-k of the budget.
 
     Evaluation and the ticket use the top-k scores: exactly the run's budget. Scores start
-    U(0, 1), drawn for every edge and gathered like edge-popup's.
+    U(0, 1), drawn for every edge and gathered like edge-popup's. Simplifications: the
+    training density is steered only by the regulariser and the hard prunes (it starts
+    near 1/2); a hard prune jumps straight to the target; BatchNorm statistics are
+    gathered under the training mask; scores clamped to equal values tie, and the top-k
+    then keeps the lower index.
     """
 
     name = "gem-miner"

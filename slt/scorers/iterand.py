@@ -32,7 +32,8 @@ class IterandOptions:
 class Iterand(EdgePopup):
     """IteRand: edge-popup, plus a periodic partial re-randomisation of the pruned weights.
 
-    Before epoch e (e > 1, (e - 1) % every == 0), each source edge outside the current
+    Before epoch e (e > 1, (e - 1) % every == 0; the paper's period counts iterations,
+    here it counts epochs), each source edge outside the current
     top-k mask is redrawn from the run's weight init with probability `rate`; kept edges
     never change. Draws come from generators seeded by (run seed, layer, epoch); the
     ticket stores the final weights, and checkpoints carry them, so tickets rebuild

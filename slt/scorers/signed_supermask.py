@@ -17,8 +17,10 @@ class SignedSupermask(Scorer):
     """Signed supermask: mask values in {-1, 0, 1}. The k edges of largest |score| are
     kept with the sign of their score (keep, or invert the weight); the rest are hidden.
 
-    m = sign(s) * top_k(|s|), straight through to s; w_eff = w * m. The ticket stores
-    w * sign(s) as its weights, so it rebuilds with the inversions.
+    m = sign(s) * top_k(|s|), with one straight-through estimator (dm/ds = 1 on every
+    edge); w_eff = w * m. The ticket stores w * sign(s) as its weights, so it rebuilds
+    with the inversions. Koster et al. also change the activation (ELUS); slt keeps the
+    architecture's own.
     """
 
     name = "signed-supermask"
@@ -27,10 +29,11 @@ class SignedSupermask(Scorer):
 
     def masks(self, layers: Sequence[MaskedLayer], budget: Budget, training: bool
               ) -> list[Tensor]:
-        keep = topk_masks([layer.scores.abs() for layer in layers], budget)
-        # sign(s) passes gradient straight through as well: d m / d s = 1 on kept edges
-        signs = [_ste_sign(layer.scores) for layer in layers]
-        return [k * s for k, s in zip(keep, signs)]
+        with torch.no_grad():
+            keep = topk_masks([layer.scores.abs() for layer in layers], budget)
+        # value sign(s) * keep, gradient straight through to s (dm/ds = 1)
+        return [layer.scores + (_sign(layer.scores.detach()) * k - layer.scores).detach()
+                for layer, k in zip(layers, keep)]
 
     def ticket_weights(self, layer: MaskedLayer) -> Tensor:
         return layer.weight_src * _sign(layer.scores.detach())
@@ -39,7 +42,3 @@ class SignedSupermask(Scorer):
 def _sign(x: Tensor) -> Tensor:
     """sign with sign(0) = +1, so a kept edge is never zeroed by its sign."""
     return torch.where(x < 0, -1.0, 1.0).to(x.dtype)
-
-
-def _ste_sign(x: Tensor) -> Tensor:
-    return x + (_sign(x) - x).detach()
