@@ -153,7 +153,7 @@ def test_rules_with_options_are_settings(tmp_path) -> None:
     fake_run(runs, [t, "source.density=0.5", "search.scorer=edge-popup"], 0.6)
     text = write_report(runs, log=lambda _: None).read_text()
     assert "| scorer=edge-popup | 60.00 |" in text
-    assert "| scorer=iterand(rate=0.2) | 70.00 |" in text
+    assert "| scorer=iterand(every=1, rate=0.2) | 70.00 |" in text
 
 
 def test_report_errors(tmp_path, capsys) -> None:

@@ -28,7 +28,9 @@ class Bernoulli(Scorer):
     expected training density starts at the target (weight decay on the scores pulls it
     towards 1/2 over the run; set search.weight_decay = 0 to avoid that). Samples come
     from a generator seeded by (run seed, epoch), so a resumed run draws what an
-    uninterrupted one draws.
+    uninterrupted one draws. The gradient through sigmoid is small, and Zhou et al. train
+    supermasks with a large learning rate (SGD, lr 100): with slt's default lr 0.1 the
+    scores barely move (MNIST stays at chance); search.lr = 30 reached 83% in 2 epochs.
     """
 
     name = "bernoulli"
