@@ -225,3 +225,18 @@ def test_survival_and_overlap_match_the_ticket_files(tmp_path) -> None:
     for png in ("accuracy_vs_density.png", "survival.png", "layer_densities.png"):
         assert (out / "report" / png).stat().st_size > 10_000
     assert from_dict(dense.config.to_dict()) == dense.config
+
+
+def test_without_matplotlib_tables_only(tmp_path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "slt.plots", None)  # importing it now fails
+    runs = tmp_path / "runs"
+    fake_run(runs, ["source.density=1.0"], 0.9)
+    fake_run(runs, ["source.density=0.5"], 0.8)
+    notes: list[str] = []
+    text = write_report(runs, log=notes.append).read_text()
+    assert notes == ["matplotlib is not installed (pip install 'slt[plot]'): tables only, "
+                     "no plots"]
+    assert "| all runs | 90.00 | 80.00 |" in text and ".png" not in text
+    assert not list((runs / "report").glob("*.png"))
