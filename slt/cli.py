@@ -115,19 +115,15 @@ def cmd_bench_topk(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from slt.config import check_key, parse_value
+    from slt.config import check_key, parse_override
     from slt.sweep import load_sweep, run_sweep
 
     if args.workers < 1:
         raise SltError(f"--workers must be at least 1, got {args.workers}")
     sweep = load_sweep(args.sweep)
-    overrides = {}
-    for item in args.overrides:
-        if "=" not in item:
-            raise SltError(f"--set expects section.key=value, got '{item}'")
-        key, text = item.split("=", 1)
-        check_key(key.strip(), "--set")
-        overrides[key.strip()] = parse_value(text.strip())
+    overrides = dict(parse_override(item) for item in args.overrides)
+    for key in overrides:
+        check_key(key, "--set")
     outcome = run_sweep(sweep, args.out, args.workers, overrides, progress=not args.no_progress)
     print(f"{len(outcome.done)} runs done, {len(outcome.failed)} failed, "
           f"{len(outcome.skipped)} points skipped -> {args.out}")

@@ -313,17 +313,21 @@ def check_key(dotted: str, origin: str) -> None:
         raise ConfigError(f"{origin}: unknown key '{dotted}'{did_you_mean(dotted, keys)}")
 
 
+def parse_override(item: str) -> tuple[str, Any]:
+    """One `--set section.key=value` (or search.scorer.OPTION=value) as (key, typed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects section.key=value, got '{item}'")
+    dotted, text = (part.strip() for part in item.split("=", 1))
+    if len(dotted.split(".")) != 2 and not dotted.startswith("search.scorer."):
+        raise ConfigError(f"--set expects section.key=value, got '{item}'")
+    return dotted, parse_value(text)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings to nested dicts (typed later by `from_dict`)."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects section.key=value, got '{item}'")
-        dotted, text = item.split("=", 1)
-        if len(dotted.strip().split(".")) != 2 and not dotted.strip().startswith(
-                "search.scorer."):
-            raise ConfigError(f"--set expects section.key=value, got '{item}'")
-        set_key(out, dotted, parse_value(text.strip()))
+        set_key(out, *parse_override(item))
     return out
 
 
@@ -480,6 +484,12 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def dense_source(cfg: Config) -> bool:
+    """Whether the source is the whole network, whatever the scheme (a named scheme at
+    density 1)."""
+    return cfg.source.scheme != "custom" and cfg.source.density >= 1.0
+
+
 def config_hash(cfg: Config) -> str:
     """Hash of what the run computes (not where it runs): equal configs share a run dir."""
     body = {
@@ -489,7 +499,7 @@ def config_hash(cfg: Config) -> str:
     if cfg.data.name == "imagefolder":  # the folder *is* the dataset here
         body["data"]["root"] = str(Path(cfg.data.root).expanduser().resolve())
     # At density 1 every scheme builds the same all-dense source: one run serves them all.
-    if cfg.source.scheme != "custom" and cfg.source.density >= 1.0:
+    if dense_source(cfg):
         body["source"]["scheme"] = "uniform"
     # keep/ticket_density are two spellings of one quantity: hash the derived pair.
     body["search"]["keep"] = round(cfg.keep, 12)

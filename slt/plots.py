@@ -40,44 +40,47 @@ class Plots:
         ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats],
                     marker="o", capsize=3, label=label, **kw)
 
+    @staticmethod
+    def _style(ax: Any, xlabel: str, ylabel: str, title: str, legend_size: int | None = 7
+               ) -> None:
+        """Labels, a light grid and (unless None) a legend: the same on every panel."""
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if legend_size is not None:
+            ax.legend(fontsize=legend_size)
+
     def accuracy(self, series: dict[tuple, dict[float, list[float]]]) -> str:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for key, by_d in series.items():
             self._line(ax, by_d, _label(key))
         ax.set_xscale("log")
-        ax.set_xlabel("source density d (log scale)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title("Ticket accuracy vs source density")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        self._style(ax, "source density d (log scale)", "test accuracy (%)",
+                    "Ticket accuracy vs source density")
         return self._save(fig, "accuracy_vs_density.png", "accuracy vs source density")
 
     def survival(self, series: dict[tuple, dict[float, dict[str, list[float]]]]) -> str:
         from matplotlib.lines import Line2D
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        styles = {"fraction": ":", "surviving": "--", "searched": "-"}
+        parts = {"fraction": (":", "dense-ticket edges in source"),
+                 "surviving": ("--", "surviving part, no search (acc)"),
+                 "searched": ("-", "searched again (acc)")}
         for key, by_d in series.items():
             color = axes[0].plot([], [])[0].get_color()  # one colour per setting, both panels
             self._line(axes[0], {d: v["retained"] for d, v in by_d.items()}, _label(key),
                        color=color)
-            for part, style in styles.items():
+            for part, (style, _) in parts.items():
                 self._line(axes[1], {d: v[part] for d, v in by_d.items()}, "", color=color,
                            linestyle=style)
-        axes[0].set_ylabel("accuracy retained vs d = 1 (%)")
-        axes[0].legend(fontsize=7)
-        axes[1].set_ylabel("percent")
-        axes[1].legend(handles=[
-            Line2D([], [], color="gray", linestyle=":", label="dense-ticket edges in source"),
-            Line2D([], [], color="gray", linestyle="--", label="surviving part, no search (acc)"),
-            Line2D([], [], color="gray", linestyle="-", label="searched again (acc)")],
-            fontsize=7)
         for ax in axes:
             ax.set_xscale("log")
-            ax.set_xlabel("source density d (log scale)")
-            ax.grid(alpha=0.3)
-        axes[0].set_title("Accuracy retained")
-        axes[1].set_title("What survives of the dense ticket")
+        xlabel = "source density d (log scale)"
+        self._style(axes[0], xlabel, "accuracy retained vs d = 1 (%)", "Accuracy retained")
+        self._style(axes[1], xlabel, "percent", "What survives of the dense ticket", None)
+        axes[1].legend(handles=[Line2D([], [], color="gray", linestyle=style, label=label)
+                                for style, label in parts.values()], fontsize=7)
         return self._save(fig, "survival.png", "survival")
 
     def width(self, series: dict[tuple, dict[float, list[float]]]) -> str:
@@ -89,11 +92,8 @@ class Plots:
             if d < 1:
                 ax.axvline(theory_width(d), color=color, linestyle=":", alpha=0.8)
         ax.set_xscale("log")
-        ax.set_xlabel("width multiplier (dotted: theory w(d))")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title("Width study")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        self._style(ax, "width multiplier (dotted: theory w(d))", "test accuracy (%)",
+                    "Width study")
         return self._save(fig, "width.png", "width study")
 
     def profiles(self, profiles: dict[tuple, dict[float, list[tuple[str, float]]]]) -> str:
@@ -106,10 +106,6 @@ class Plots:
                     ys = [v for _, v in by_d[d]]
                     ax.plot(range(len(ys)), ys, marker=".", label=_label(key))
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_title(f"d = {d:g}")
-            ax.set_xlabel("layer")
-            ax.set_ylabel("layer density d_l")
             ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
+            self._style(ax, "layer", "layer density d_l", f"d = {d:g}", 6)
         return self._save(fig, "layer_densities.png", "layerwise densities")

@@ -17,12 +17,12 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from slt.analysis import fmt_pct, jaccard, mean_std, surviving, surviving_fraction
-from slt.config import NOT_HASHED, Config, config_hash, from_dict, read_toml
+from slt.config import NOT_HASHED, Config, config_hash, dense_source, from_dict, read_toml
 from slt.errors import SltError
 from slt.fileio import atomic_write_text
 from slt.sweep import THEORY, theory_width
@@ -72,7 +72,7 @@ def settings_of(cfg: Config) -> dict[str, Any]:
         out["search.keep"] = round(cfg.search.keep, 6)
     else:
         out["search.ticket_density"] = round(cfg.ticket_density, 6)
-    if cfg.source.scheme != "custom" and cfg.source.density >= 1.0:
+    if dense_source(cfg):
         out[SCHEME] = ANY
     d, w = cfg.source.density, cfg.model.width
     if d < 1.0 and w != 1.0 and math.isclose(w, round(theory_width(d), 4)):
@@ -188,6 +188,14 @@ class Study:
 
     runs: list[Run]
     varying: list[str]
+    _tickets: dict[Path, Any] = field(default_factory=dict, repr=False)
+
+    def ticket(self, run: Run) -> Any:
+        """The run's ticket, read once per report (a dense run's serves many pairs and
+        groups); None when it is missing or unreadable."""
+        if run.path not in self._tickets:
+            self._tickets[run.path] = _load_ticket(run)
+        return self._tickets[run.path]
 
     @property
     def finished(self) -> list[Run]:
@@ -308,7 +316,7 @@ def survival_rows(study: Study, evaluator: Evaluator) -> list[dict[str, Any]]:
         if cached.get("tickets") != digests:
             cached = {}  # either ticket changed since (a rerun): compute again
         if "fraction" not in cached or ("surviving_acc" not in cached and evaluator.enabled):
-            dt, st = _load_ticket(d_run), _load_ticket(r)
+            dt, st = study.ticket(d_run), study.ticket(r)
             if dt is None or st is None:
                 continue
             d_masks, _ = _searched_masks(dt)
@@ -354,13 +362,9 @@ def survival_table(study: Study, rows: list[dict[str, Any]]) -> tuple[list[str],
 def overlap_tables(study: Study) -> list[tuple[str, list[str], list[list[str]]]]:
     """Per group: mean Jaccard overlap of the tickets found at each pair of densities from
     the same seed (and the same width: tickets of different widths do not overlap)."""
-    masks: dict[Path, list | None] = {}  # a dense run's ticket serves several groups
-
     def ticket_masks(r: Run) -> list | None:
-        if r.path not in masks:
-            t = _load_ticket(r)
-            masks[r.path] = None if t is None else _searched_masks(t)[0]
-        return masks[r.path]
+        t = study.ticket(r)
+        return None if t is None else _searched_masks(t)[0]
 
     out = []
     for key, runs in study.groups().items():
