@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from slt import __version__
-from slt.errors import SltError
+from slt.errors import SltError, storage_error
 
 DEMO_SWEEP = "demo_sweep.toml"  # packaged: configs/demo_sweep.toml
 DEMO_OUT = "runs/demo"
@@ -125,7 +125,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for key in overrides:
         check_key(key, "--set")
     outcome = run_sweep(sweep, args.out, args.workers, overrides, progress=not args.no_progress)
-    print(f"{len(outcome.done)} runs done, {len(outcome.failed)} failed, "
+    busy = f"{len(outcome.busy)} being run by another process, " if outcome.busy else ""
+    print(f"{len(outcome.done)} runs done, {len(outcome.failed)} failed, {busy}"
           f"{len(outcome.skipped)} points skipped -> {args.out}")
     if not args.no_report:
         from slt.report import write_report
@@ -254,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except SltError as exc:
         print(f"slt: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a filesystem failure no module turned into a StorageError
+        print(f"slt: error: {storage_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("slt: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -15,6 +15,19 @@ class DataError(SltError):
     """A dataset that cannot be found or read."""
 
 
+class StorageError(SltError):
+    """A file or folder that cannot be written or read: full disk, read-only filesystem,
+    permissions, a name too long. Named with its path and the system's reason."""
+
+
+def storage_error(exc: OSError, action: str | None = None, path: object = None
+                  ) -> StorageError:
+    """One line for a failed filesystem call: what was done, where, the system's reason."""
+    where = path if path is not None else (exc.filename or "a file")
+    reason = exc.strerror or str(exc)
+    return StorageError(f"cannot {action} {where}: {reason}" if action else f"{where}: {reason}")
+
+
 class TicketError(SltError):
     """A ticket file that is corrupt, or cannot be rebuilt on this machine."""
 

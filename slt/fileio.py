@@ -10,19 +10,31 @@ from typing import Any
 
 import torch
 
+from slt.errors import storage_error
+
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: the old content stays whole
+    until the new one is. A filesystem failure (full disk, read-only, permissions) is one
+    StorageError naming `path`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise storage_error(exc, "write", path) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass  # left for the run's next writer to clean (slt.rundir.clean_temp_files)
+        if isinstance(exc, OSError):
+            raise storage_error(exc, "write", path) from None
         raise
 
 

@@ -3,6 +3,7 @@ and returns the markdown line that shows it."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from slt.analysis import mean_std  # noqa: E402
+from slt.fileio import atomic_write_bytes  # noqa: E402
 from slt.sweep import theory_width  # noqa: E402
 
 
@@ -29,8 +31,10 @@ class Plots:
 
     def _save(self, fig: Any, name: str, alt: str) -> str:
         fig.tight_layout()
-        fig.savefig(self.out_dir / name, dpi=120)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
         plt.close(fig)
+        atomic_write_bytes(self.out_dir / name, buf.getvalue())  # a failure names the file
         return f"![{alt}]({name})\n"
 
     @staticmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -23,8 +24,9 @@ from typing import Any
 
 from slt.analysis import fmt_pct, jaccard, mean_std, surviving, surviving_fraction
 from slt.config import NOT_HASHED, Config, config_hash, dense_source, from_dict, read_toml
-from slt.errors import SltError
+from slt.errors import SltError, storage_error
 from slt.fileio import atomic_write_text
+from slt.rundir import CONFIG, ERROR, METRICS, RUN_FILES, read_json, read_metrics, read_summary
 from slt.sweep import THEORY, theory_width
 
 ANY = "any"  # the scheme of a dense (d = 1) run
@@ -81,29 +83,42 @@ def settings_of(cfg: Config) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    return read_json(path)[0]
 
 
-def load_run(path: Path) -> Run | None:
-    """A run directory's state, or None for a folder that is not one."""
-    if not (path / "config.toml").is_file():
+@dataclass(frozen=True)
+class Unreadable:
+    """A run directory the report could not use, and why (listed, never dropped silently)."""
+
+    path: Path
+    reason: str
+
+
+def _is_run_dir(path: Path) -> bool:
+    return any((path / name).exists() for name in RUN_FILES)
+
+
+def load_run(path: Path) -> Run | Unreadable | None:
+    """A run directory's state, `Unreadable` with the reason when its files are damaged,
+    or None for a folder that is not a run directory."""
+    if not _is_run_dir(path):
         return None
+    if not (path / CONFIG).is_file():
+        return Unreadable(path, f"{CONFIG} is missing")
     try:
-        cfg = from_dict(read_toml(path / "config.toml"), str(path / "config.toml"))
-    except SltError:
-        return None  # e.g. made with a scorer plug-in not installed here
-    summary = _read_json(path / "summary.json")
-    error = _read_json(path / "error.json")
-    rows = []
-    if (path / "metrics.jsonl").is_file():
-        for line in (path / "metrics.jsonl").read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
+        cfg = from_dict(read_toml(path / CONFIG), str(path / CONFIG))
+    except SltError as exc:  # damaged, or made with a scorer plug-in not installed here
+        return Unreadable(path, str(exc))
+    except (OSError, UnicodeDecodeError) as exc:
+        return Unreadable(path, f"{CONFIG} cannot be read ({exc})")
+    rerun = "; rerun its search to finish it again from its checkpoint"
+    summary, problem = read_summary(path, config_hash(cfg))
+    if problem:
+        return Unreadable(path, problem + rerun)
+    error, problem = read_json(path / ERROR)
+    if problem:
+        return Unreadable(path, problem)
+    rows, _ = read_metrics(path / METRICS)  # a line cut short by a live writer is no fault
     if summary is not None:
         status, acc, done = "finished", summary["final_test_acc"], summary["epochs"]
     elif error is not None:
@@ -111,18 +126,23 @@ def load_run(path: Path) -> Run | None:
     else:
         status, done = "running", len(rows)
         acc = rows[-1]["test_acc"] if rows else None
-    return Run(path, cfg, status, acc, done, (error or {}).get("error", ""), summary,
+    return Run(path, cfg, status, acc, done, str((error or {}).get("error", "")), summary,
                settings_of(cfg))
 
 
-def load_runs(root: str | os.PathLike[str]) -> list[Run]:
+def load_runs(root: str | os.PathLike[str]) -> tuple[list[Run], list[Unreadable]]:
+    """The run directories directly under `root`, and those that could not be read."""
     root = Path(root)
     if not root.is_dir():
         raise SltError(f"no such folder of runs: {root}")
-    runs = [r for p in sorted(root.iterdir()) if p.is_dir() and (r := load_run(p))]
-    if not runs:
+    runs: list[Run] = []
+    unreadable: list[Unreadable] = []
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and (r := load_run(p)) is not None:
+            (runs if isinstance(r, Run) else unreadable).append(r)
+    if not runs and not unreadable:
         raise SltError(f"{root} holds no run directories (folders with a config.toml)")
-    return runs
+    return runs, unreadable
 
 
 def varying_keys(runs: Iterable[Run]) -> list[str]:
@@ -327,7 +347,10 @@ def survival_rows(study: Study, evaluator: Evaluator) -> list[dict[str, Any]]:
             acc = evaluator(dt, surviving(d_masks, s_sources))
             if acc is not None:
                 cached["surviving_acc"] = acc
-            atomic_write_text(cache, json.dumps(cached, indent=2) + "\n")
+            try:  # a cache: a report that cannot write it (read-only runs) still reports
+                atomic_write_text(cache, json.dumps(cached, indent=2) + "\n")
+            except (OSError, SltError):
+                pass
         out.append({"run": r, "dense": d_run, **cached})
     return out
 
@@ -447,46 +470,59 @@ CSV_FIELDS = ["run_id", "status", "epochs_done", "final_test_acc", "best_test_ac
               "source_density_actual", "ticket_density_actual", "keep_actual", "error"]
 
 
-def write_csv(path: Path, runs: list[Run]) -> None:
+def write_csv(path: Path, runs: list[Run], unreadable: list[Unreadable] = ()) -> None:
+    """One row per run directory; an unreadable one has its reason in `error`."""
     raw = [raw_settings(r.config) for r in runs]
     keys = sorted({k for x in raw for k in x})
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow([*CSV_FIELDS, "search.keep", "search.ticket_density", *keys])
-        for r, values in zip(runs, raw):
-            s = r.summary or {}
-            w.writerow([r.path.name, r.status, r.epochs_done, r.acc, s.get("best_test_acc"),
-                        s.get("time_s"), s.get("source_density"), s.get("ticket_density"),
-                        s.get("keep"), r.error, r.config.search.keep,
-                        r.config.search.ticket_density, *[values.get(k) for k in keys]])
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([*CSV_FIELDS, "search.keep", "search.ticket_density", *keys])
+    for r, values in zip(runs, raw):
+        s = r.summary or {}
+        w.writerow([r.path.name, r.status, r.epochs_done, r.acc, s.get("best_test_acc"),
+                    s.get("time_s"), s.get("source_density"), s.get("ticket_density"),
+                    s.get("keep"), r.error, r.config.search.keep,
+                    r.config.search.ticket_density, *[values.get(k) for k in keys]])
+    for u in unreadable:
+        w.writerow([u.path.name, "unreadable", *[None] * (len(CSV_FIELDS) - 3), u.reason,
+                    *[None] * (2 + len(keys))])
+    atomic_write_text(path, buf.getvalue())
 
 
 def write_report(runs_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
                  evaluate_survival: bool = True, log: Callable[[str], None] = print) -> Path:
     """Write report.md, results.csv and plots; returns the report.md path."""
-    runs = load_runs(runs_dir)
+    runs, unreadable = load_runs(runs_dir)
     out_dir = Path(out) if out else Path(runs_dir) / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(exc, "create the report folder", out_dir) from None
     notes: list[str] = []
 
     def note(text: str) -> None:
         notes.append(text)
         log(text)
 
+    for u in unreadable:
+        log(f"unreadable run directory {u.path}: {u.reason}")
+
     study = Study(runs, varying_keys(runs))
     fin = study.finished
     running = [r for r in runs if r.status == "running"]
     failed = [r for r in runs if r.status == "failed"]
     md = [f"# slt report: {Path(runs_dir).name}\n",
-          f"{len(runs)} run directories: {len(fin)} finished, {len(running)} running, "
-          f"{len(failed)} failed. Accuracies are final test accuracies in percent, mean ± "
+          f"{len(runs) + len(unreadable)} run directories: {len(fin)} finished, "
+          f"{len(running)} running, {len(failed)} failed, {len(unreadable)} unreadable. "
+          "Accuracies are final test accuracies in percent, mean ± "
           "sample std (number of seeds) over seeds. Produced by `slt report`.\n"]
-    first = {**raw_settings(runs[0].config), **{k: v for k, v in runs[0].settings.items()
-                                                 if k.startswith("search.")}}
-    common = {k: v for k, v in first.items() if k not in study.varying}
-    md.append("Settings shared by every run: " + ", ".join(
-        f"`{k}={v}`" for k, v in sorted(common.items())) + ".\n")
-    write_csv(out_dir / "results.csv", runs)
+    if runs:
+        first = {**raw_settings(runs[0].config), **{k: v for k, v in runs[0].settings.items()
+                                                     if k.startswith("search.")}}
+        common = {k: v for k, v in first.items() if k not in study.varying}
+        md.append("Settings shared by every run: " + ", ".join(
+            f"`{k}={v}`" for k, v in sorted(common.items())) + ".\n")
+    write_csv(out_dir / "results.csv", runs, unreadable)
     plots = _plotter(out_dir, note)
 
     if fin:
@@ -532,6 +568,10 @@ def write_report(runs_dir: str | os.PathLike[str], out: str | os.PathLike[str] |
     if failed:
         md += ["## Failed\n", markdown_table(["run", "error"],
                                              [[r.path.name, r.error] for r in failed])]
+    if unreadable:
+        md += ["## Unreadable run directories\n", "Left out of every table above.\n",
+               markdown_table(["run", "what is wrong"],
+                              [[u.path.name, u.reason] for u in unreadable])]
     if notes:
         md += ["## Notes\n", *[f"- {n}\n" for n in notes]]
     md.append("Per-run figures: `results.csv`.\n")

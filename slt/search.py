@@ -1,7 +1,8 @@
 """The search loop: scores trained with SGD, cosine schedule, per-epoch eval, resume.
 
 A run directory is named by the config hash. Rerunning the same config resumes from the
-last checkpoint, or skips the run when `summary.json` exists. Data order and any other
+last checkpoint, or skips the run when it has an intact summary and ticket. One process at a
+time writes a run directory (see slt.rundir). Data order and any other
 randomness are derived from (run.seed, epoch), so a resumed run ends with exactly the
 ticket an uninterrupted one finds.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +24,32 @@ from tqdm import tqdm
 
 from slt import ticket as ticket_io
 from slt.config import Config, config_hash, run_id, to_toml
-from slt.data import Batches, load_data
-from slt.errors import ConfigError, NonFiniteScoreError, SltError
+from slt.data import Batches, Splits, load_data
+from slt.errors import ConfigError, NonFiniteScoreError, SltError, storage_error
 from slt.fileio import atomic_torch_save, atomic_write_text
 from slt.network import SltNetwork, build_network
+from slt.rundir import (
+    CHECKPOINT,
+    CONFIG,
+    ERROR,
+    METRICS,
+    SUMMARY,
+    TICKET,
+    RunLock,
+    clean_temp_files,
+    locked_by,
+    read_metrics,
+    read_summary,
+)
 from slt.scorers import EpochContext
 
 
 @dataclass(frozen=True)
 class SearchResult:
     run_dir: Path
-    status: str  # "finished", "skipped" (already finished) or "stopped" (stop_after_epochs)
+    # "finished", "skipped" (already finished), "stopped" (stop_after_epochs) or "busy"
+    # (another process writes this run; only with on_busy = "skip")
+    status: str
     summary: dict[str, Any] | None
 
 
@@ -67,19 +84,37 @@ def evaluate(net: SltNetwork, batches: Batches, batch_size: int) -> tuple[float,
     return loss_sum / n, correct / n
 
 
-def _read_metrics(path: Path, keep_epochs: int) -> list[dict[str, Any]]:
-    """Metrics of epochs already checkpointed (a line past the checkpoint is dropped)."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_test_acc", "best_epoch",
+                   "elapsed", "config_hash")
+
+
+def _load_checkpoint(path: Path, device: torch.device, cfg: Config) -> dict[str, Any] | None:
+    """The run's checkpoint, checked to be slt's and this config's; None when there is none.
+    Anything else is one error line saying what to do: never a half-applied resume."""
     if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by an interruption
-        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
-            rows.append(row)
-    return [r for r in rows if r["epoch"] <= keep_epochs]
+        return None
+    fix = "move it away (or delete it) to restart this run from scratch"
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise SltError(f"{path} is unreadable ({type(exc).__name__}): {fix}") from None
+    if not isinstance(ckpt, dict):
+        raise SltError(f"{path} is not a checkpoint of slt (it holds a "
+                       f"{type(ckpt).__name__}): {fix}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise SltError(f"{path} is not a checkpoint of slt (no {', '.join(missing)}): {fix}")
+    if ckpt["config_hash"] != config_hash(cfg):
+        raise SltError(f"{path} belongs to another config: {fix}")
+    epoch = ckpt["epoch"]
+    if not isinstance(epoch, int) or not 0 <= epoch <= cfg.search.epochs:
+        raise SltError(f"{path} records epoch {epoch!r}, outside 0..{cfg.search.epochs}: {fix}")
+    return ckpt
 
 
 def run_search(
@@ -89,16 +124,20 @@ def run_search(
     stop_after_epochs: int | None = None,
     embed_weights: bool = False,
     log: Callable[[str], None] = print,
+    on_busy: str = "wait",
 ) -> SearchResult:
-    """Run (or resume, or skip) the search that `cfg` describes under `out_root`."""
+    """Run (or resume, or skip) the search that `cfg` describes under `out_root`.
+
+    One process writes a run directory at a time (its lock). When another holds it,
+    `on_busy = "wait"` waits for it and `"skip"` returns at once with status "busy".
+    """
     run_dir = Path(out_root) / run_id(cfg)
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists():
-        log(f"finished already, skipped: {run_dir}")
-        if embed_weights:
-            ticket_io.embed_weights(run_dir / "ticket.slt")
-            log(f"weights embedded in {run_dir / 'ticket.slt'}")
-        return SearchResult(run_dir, "skipped", json.loads(summary_path.read_text()))
+    summary, _ = read_summary(run_dir, config_hash(cfg))
+    if summary is not None:
+        return _finished_already(run_dir, summary, embed_weights, log, locked=False)
+    if on_busy == "skip" and (holder := locked_by(run_dir)):
+        log(f"being written by {holder}, skipped: {run_dir}")
+        return SearchResult(run_dir, "busy", None)
 
     device = resolve_device(cfg.run.device)
     if cfg.run.threads:
@@ -106,8 +145,63 @@ def run_search(
     splits = load_data(cfg.data)  # fails before any file is written
     batches = Batches(splits, device)
     net = build_network(cfg, splits.spec).to(device)
-    params = [p for p in net.parameters() if p.requires_grad]
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(exc, "create the run directory", run_dir) from None
+    with RunLock(run_dir) as lock:
+        if not lock.acquire(wait=on_busy == "wait", on_wait=lambda holder: log(
+                f"{run_dir.name} is being written by {holder}: waiting for it to finish")):
+            log(f"being written by {lock.holder()}, skipped: {run_dir}")
+            return SearchResult(run_dir, "busy", None)
+        if lock.unsupported:
+            log(f"warning: {run_dir} cannot be locked ({lock.unsupported}): nothing stops "
+                "another process from writing this run at the same time")
+        summary, problem = read_summary(run_dir, config_hash(cfg))
+        if summary is not None:  # the writer we waited for finished it
+            return _finished_already(run_dir, summary, embed_weights, log, locked=True)
+        if problem:
+            log(f"{run_dir}: {problem}; finishing the run again from its checkpoint")
+        clean_temp_files(run_dir)
+        (run_dir / ERROR).unlink(missing_ok=True)
+        try:
+            return _search(cfg, run_dir, splits, batches, net, device, stop_after_epochs,
+                           embed_weights, log)
+        except Exception as exc:  # recorded for `slt report`, then raised as it was
+            _record_error(cfg, run_dir, exc)
+            raise
+
+
+def _finished_already(run_dir: Path, summary: dict[str, Any], embed_weights: bool,
+                      log: Callable[[str], None], locked: bool) -> SearchResult:
+    log(f"finished already, skipped: {run_dir}")
+    if embed_weights:
+        with RunLock(run_dir) as lock:
+            if not locked:  # rewriting the ticket is a write: one writer at a time
+                lock.acquire(wait=True, on_wait=lambda holder: log(
+                    f"{run_dir.name} is being written by {holder}: waiting for it"))
+            ticket_io.embed_weights(run_dir / TICKET)
+        log(f"weights embedded in {run_dir / TICKET}")
+    return SearchResult(run_dir, "skipped", summary)
+
+
+def _record_error(cfg: Config, run_dir: Path, exc: Exception) -> None:
+    """error.json for the report; best effort (the disk may be the reason for the error)."""
+    message = f"{type(exc).__name__}: {exc}".strip() if not isinstance(exc, SltError) \
+        else str(exc)
+    try:
+        atomic_write_text(run_dir / ERROR, json.dumps(
+            {"error": message, "traceback": traceback.format_exc()}, indent=2) + "\n")
+    except (OSError, SltError):
+        pass
+
+
+def _search(cfg: Config, run_dir: Path, splits: Splits, batches: Batches, net: SltNetwork,
+            device: torch.device, stop_after_epochs: int | None, embed_weights: bool,
+            log: Callable[[str], None]) -> SearchResult:
+    """The search itself, in a run directory this process holds the lock of."""
     s = cfg.search
+    params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum,
                                 weight_decay=s.weight_decay, nesterov=s.nesterov)
     steps_per_epoch = batches.len_train_batches(s.batch_size)
@@ -120,34 +214,41 @@ def run_search(
     if device.type == "cuda":  # same ticket on resume needs deterministic convolutions
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SltError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
-    atomic_write_text(run_dir / "config.toml", to_toml(cfg))
-    ckpt_path = run_dir / "checkpoint.pt"
-    metrics_path = run_dir / "metrics.jsonl"
+    atomic_write_text(run_dir / CONFIG, to_toml(cfg))
+    ckpt_path = run_dir / CHECKPOINT
+    metrics_path = run_dir / METRICS
+    summary_path = run_dir / SUMMARY
     start_epoch, best_acc, best_epoch, elapsed = 0, -1.0, 0, 0.0
-    if ckpt_path.exists():
+    # The figures of the state the ticket is taken from: the last epoch's evaluation (kept
+    # in the checkpoint), never a metrics line, which may be missing or damaged.
+    test_loss: float | None = None
+    test_acc: float | None = None
+    ckpt = _load_checkpoint(ckpt_path, device, cfg)
+    if ckpt is not None:
+        fix = f"move {ckpt_path} away (or delete it) to restart this run from scratch"
         try:
-            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        except Exception as exc:
-            raise SltError(f"{ckpt_path} is unreadable ({type(exc).__name__}); delete it to "
-                           "restart this run from scratch") from None
-        if ckpt.get("config_hash") != config_hash(cfg):
-            raise SltError(f"{ckpt_path} belongs to another config; move it away to restart")
-        net.body.load_state_dict(ckpt["model"])
-        for layer, weight in zip(net.searched_layers, ckpt.get("weights", [])):
-            layer.weight_src = weight.to(device)  # weights a rule has re-randomised
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+            net.body.load_state_dict(ckpt["model"])
+            for layer, weight in zip(net.searched_layers, ckpt.get("weights", [])):
+                layer.weight_src = weight.to(device)  # weights a rule has re-randomised
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise SltError(f"{ckpt_path} does not fit this run's network "
+                           f"({_first_line(exc)}): {fix}") from None
         start_epoch, best_acc = ckpt["epoch"], ckpt["best_test_acc"]
         best_epoch, elapsed = ckpt["best_epoch"], ckpt["elapsed"]
+        test_loss, test_acc = ckpt.get("test_loss"), ckpt.get("test_acc")
         log(f"resuming {run_dir.name} after epoch {start_epoch}/{s.epochs}")
-    rows = _read_metrics(metrics_path, start_epoch)
-    atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+    rows, damaged = read_metrics(metrics_path)
+    kept = [r for r in rows if r["epoch"] <= start_epoch]
+    if damaged:
+        log(f"{metrics_path}: dropped {damaged} damaged line{'s' if damaged != 1 else ''}")
+    if [r["epoch"] for r in kept] != list(range(1, start_epoch + 1)):
+        log(f"{metrics_path}: the rows of some of epochs 1..{start_epoch} are missing or "
+            "repeated; kept one row per epoch found (the search itself is unaffected)")
+        kept = sorted({r["epoch"]: r for r in kept}.values(), key=lambda r: r["epoch"])
+    atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
-    test_loss, test_acc = (rows[-1]["test_loss"], rows[-1]["test_acc"]) if rows else (0.0, 0.0)
     done_now = 0
     scorer, searched = net.scorer, net.searched_layers
     for epoch in range(start_epoch + 1, s.epochs + 1):
@@ -190,12 +291,16 @@ def run_search(
         row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                "test_loss": test_loss, "test_acc": test_acc,
                "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time}
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        try:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        except OSError as exc:
+            raise storage_error(exc, "write", metrics_path) from None
         atomic_torch_save(ckpt_path, {
             "model": net.body.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "epoch": epoch, "best_test_acc": best_acc,
             "best_epoch": best_epoch, "elapsed": elapsed, "config_hash": config_hash(cfg),
+            "test_loss": test_loss, "test_acc": test_acc,
             **({"weights": [layer.weight_src for layer in searched]}
                if scorer.stores_weights else {}),
         })
@@ -205,9 +310,11 @@ def run_search(
         if stop_after_epochs is not None and done_now >= stop_after_epochs and epoch < s.epochs:
             return SearchResult(run_dir, "stopped", None)
 
+    if test_acc is None or test_loss is None:  # a checkpoint of an older slt: evaluate again
+        test_loss, test_acc = evaluate(net, batches, s.eval_batch_size)
     masks = net.ticket_masks()
     dens = net.densities(masks)
-    ticket_io.save(run_dir / "ticket.slt", cfg, splits.spec, net, masks,
+    ticket_io.save(run_dir / TICKET, cfg, splits.spec, net, masks,
                    metrics={"test_acc": test_acc, "test_loss": test_loss},
                    embed_weights=embed_weights)
     summary = {

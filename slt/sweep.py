@@ -22,13 +22,13 @@ import itertools
 import json
 import math
 import os
+import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,9 @@ from slt.config import (
     set_key,
     to_toml,
 )
-from slt.errors import ConfigError
+from slt.errors import ConfigError, SltError
 from slt.fileio import atomic_write_text
+from slt.rundir import CONFIG, ERROR
 
 THEORY = "theory"
 SWEEP_KEYS = ("base", "set", "axes")
@@ -164,26 +165,33 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
 
 
 def _write_error(cfg: Config, out_root: Path, message: str, detail: str) -> None:
+    """error.json (and config.toml) for a point that failed; best effort: the failure may be
+    the disk itself, and the sweep must go on either way."""
     run_dir = out_root / run_id(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.toml", to_toml(cfg))
-    atomic_write_text(run_dir / "error.json",
-                      json.dumps({"error": message, "traceback": detail}, indent=2) + "\n")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / CONFIG).is_file():
+            atomic_write_text(run_dir / CONFIG, to_toml(cfg))
+        atomic_write_text(run_dir / ERROR,
+                          json.dumps({"error": message, "traceback": detail}, indent=2) + "\n")
+    except (OSError, SltError):
+        pass
 
 
 def run_point(cfg: Config, out_root: str) -> tuple[str, str]:
-    """Run one point; never raises. Returns (status, error message)."""
+    """Run one point; never raises. Returns (status, error message). A point that another
+    process is writing is skipped (status "busy"), so sweeps side by side split the grid."""
     from slt.search import run_search
 
     root = Path(out_root)
-    (root / run_id(cfg) / "error.json").unlink(missing_ok=True)  # a retry clears the old one
     try:
-        result = run_search(cfg, root, log=lambda _: None)
+        result = run_search(cfg, root, log=lambda _: None, on_busy="skip")
         return result.status, ""
     except Exception as exc:  # recorded, not raised: one point must not stop the sweep
-        message = f"{type(exc).__name__}: {exc}".strip()
-        _write_error(cfg, root, message, traceback.format_exc())
-        return "failed", message
+        message = str(exc) if isinstance(exc, SltError) else f"{type(exc).__name__}: {exc}"
+        if not (root / run_id(cfg) / ERROR).is_file():  # failed before the run took its lock
+            _write_error(cfg, root, message.strip(), traceback.format_exc())
+        return "failed", message.strip()
     # KeyboardInterrupt passes: an interrupted run resumes on the next sweep, not a failure
 
 
@@ -197,55 +205,114 @@ def _with_threads(cfg: Config, threads: int) -> Config:
 
 @dataclass
 class SweepOutcome:
-    """What happened to each run (`done`, `failed`; one entry per run directory) and to the
-    points that were not valid (`skipped`). `points` are all valid points, several of which
-    may share one run."""
+    """What happened to each run (`done`, `failed`, `busy`: one entry per run directory) and
+    to the points that were not valid (`skipped`). `points` are all valid points, several of
+    which may share one run."""
 
     done: list[tuple[Point, str]] = field(default_factory=list)  # (point, status)
     failed: list[tuple[Point, str]] = field(default_factory=list)  # (point, error)
+    busy: list[Point] = field(default_factory=list)  # written by another process meanwhile
     skipped: list[Point] = field(default_factory=list)
     points: list[Point] = field(default_factory=list)
 
 
-def _results(points: list[Point], out_root: Path, workers: int,
-             runner: Callable[[Config, str], tuple[str, str]]
+Runner = Callable[[Config, str], tuple[str, str]]
+
+
+def _serve(conn: Connection, runner: Runner, out_root: str) -> None:
+    """A worker process: run the points it is sent, one at a time, until told to stop."""
+    try:
+        while (cfg := conn.recv()) is not None:
+            conn.send(runner(cfg, out_root))
+    except (KeyboardInterrupt, EOFError):  # Ctrl-C, or the sweep went away
+        pass
+
+
+def _death(code: int | None) -> str:
+    """Why a worker process ended without answering, from its exit code."""
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (e.g. by the out-of-memory killer)" if -code == signal.SIGKILL else ""
+        return f"the worker process running it was killed by {name}{hint}"
+    return f"the worker process running it died (exit code {code})"
+
+
+class _Worker:
+    def __init__(self, ctx: Any, runner: Runner, out_root: str) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, runner, out_root), daemon=True)
+        self.proc.start()
+        child.close()
+        self.point: Point | None = None
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+        self.conn.close()
+
+
+def _results(points: list[Point], out_root: Path, workers: int, runner: Runner
              ) -> Iterator[tuple[Point, tuple[str, str]]]:
     if workers <= 1:
         for p in points:
             assert p.config is not None
             yield p, runner(p.config, str(out_root))
         return
+    # Long-lived worker processes, each running one point at a time. One that dies (killed,
+    # out of memory) fails only the point it was running, and a new worker replaces it.
     ctx = get_context("spawn")  # a fresh interpreter per worker: no inherited torch state
     queue = list(points)
-    while queue:
-        # A worker that dies (killed, out of memory) breaks the pool: its points are
-        # recorded as failed and a new pool takes the rest.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            pending: dict[Future, Point] = {}
-            broken = False
-            while (queue and not broken) or pending:
-                while queue and not broken and len(pending) < workers:
-                    p = queue.pop(0)
-                    assert p.config is not None
-                    pending[pool.submit(runner, p.config, str(out_root))] = p
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    p = pending.pop(fut)
-                    try:
-                        yield p, fut.result()
-                    except BrokenProcessPool:
-                        broken = True
-                        message = "the worker process running it died"
-                        _write_error(p.config, Path(out_root), message, "")  # type: ignore[arg-type]
-                        yield p, ("failed", message)
+    idle: list[_Worker] = []
+    busy: list[_Worker] = []
+    try:
+        while queue or busy:
+            while queue and len(busy) < workers:
+                w = idle.pop() if idle else _Worker(ctx, runner, str(out_root))
+                w.point = queue.pop(0)
+                assert w.point.config is not None
+                w.conn.send(w.point.config)
+                busy.append(w)
+            ready = set(wait([w.conn for w in busy] + [w.proc.sentinel for w in busy]))
+            for w in [w for w in busy if w.conn in ready or w.proc.sentinel in ready]:
+                point = w.point
+                assert point is not None and point.config is not None
+                busy.remove(w)
+                try:
+                    result = w.conn.recv()
+                except (EOFError, OSError):  # died before answering
+                    w.proc.join(5)
+                    message = _death(w.proc.exitcode)
+                    _write_error(point.config, out_root, message, "")
+                    w.stop()
+                    yield point, ("failed", message)
+                    continue
+                idle.append(w)
+                yield point, result
+    finally:
+        for w in idle:
+            w.stop()
+        for w in busy:  # interrupted mid-point: the run resumes from its checkpoint later
+            w.proc.terminate()
+            w.proc.join(5)
 
 
 def run_sweep(sweep: Sweep, out_root: str | os.PathLike[str], workers: int = 1,
               overrides: dict[str, Any] | None = None, progress: bool = True,
-              log: Callable[[str], None] = print,
-              runner: Callable[[Config, str], tuple[str, str]] = run_point) -> SweepOutcome:
-    """Run every valid point (in `workers` processes) and report what happened."""
+              log: Callable[[str], None] = print, runner: Runner = run_point) -> SweepOutcome:
+    """Run every valid point (in `workers` processes) and report what happened. The sweep
+    record is written at the end whatever happened to the points."""
     root = Path(out_root)
+    overrides = dict(overrides or {})
     points = sweep.points(overrides)
     outcome = SweepOutcome(skipped=[p for p in points if p.config is None])
     todo = [p for p in points if p.config is not None]
@@ -264,30 +331,42 @@ def run_sweep(sweep: Sweep, out_root: str | os.PathLike[str], workers: int = 1,
         raise ConfigError(f"no point of {sweep.path} is valid ({reason})")
     log(f"sweep {sweep.path.name}: {len(unique)} runs, {len(outcome.skipped)} points skipped, "
         f"{workers} worker{'s' if workers != 1 else ''} -> {root}")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SltError(f"cannot create the sweep folder {root}: {exc.strerror}") from None
     t0 = time.perf_counter()
     bar = tqdm(total=len(unique), desc="points", unit="run", disable=not progress,
                dynamic_ncols=True)
-    for p, (status, error) in _results(list(unique.values()), root, workers, runner):
-        if status == "failed":
-            outcome.failed.append((p, error))
-            bar.write(f"failed ({p.label()}): {error}")
-        else:
-            outcome.done.append((p, status))
-        bar.update(1)
-    bar.close()
-    _write_manifest(sweep, root, outcome, time.perf_counter() - t0)
+    try:
+        for p, (status, error) in _results(list(unique.values()), root, workers, runner):
+            if status == "failed":
+                outcome.failed.append((p, error))
+                bar.write(f"failed ({p.label()}): {error}")
+            elif status == "busy":
+                outcome.busy.append(p)
+                bar.write(f"being run by another process, left to it ({p.label()})")
+            else:
+                outcome.done.append((p, status))
+            bar.update(1)
+    finally:  # the record of what happened, Ctrl-C included
+        bar.close()
+        _write_manifest(sweep, root, outcome, overrides, time.perf_counter() - t0, log)
     return outcome
 
 
-def _write_manifest(sweep: Sweep, root: Path, outcome: SweepOutcome, seconds: float) -> None:
-    """sweep-<name>.json in the output folder: every point, its run id and its run's status
-    (points that share a run share its status)."""
+def _write_manifest(sweep: Sweep, root: Path, outcome: SweepOutcome, overrides: dict[str, Any],
+                    seconds: float, log: Callable[[str], None]) -> None:
+    """sweep-<name>.json in the output folder: the settings used (the file's [set] and the
+    command line's --set), every point, its run id and its run's status (points that share
+    a run share its status; "not run" after an interruption)."""
     status: dict[str, dict[str, str]] = {}
     for p, s in outcome.done:
         status[run_id(p.config)] = {"status": s}  # type: ignore[arg-type]
     for p, e in outcome.failed:
         status[run_id(p.config)] = {"status": "failed", "error": e}  # type: ignore[arg-type]
+    for p in outcome.busy:
+        status[run_id(p.config)] = {"status": "running elsewhere"}  # type: ignore[arg-type]
     rows: list[dict[str, Any]] = []
     for p in outcome.points:
         rid = run_id(p.config)  # type: ignore[arg-type]
@@ -295,6 +374,11 @@ def _write_manifest(sweep: Sweep, root: Path, outcome: SweepOutcome, seconds: fl
     rows += [{"values": p.values, "status": "skipped", "reason": p.skipped}
              for p in outcome.skipped]
     body = {"sweep": str(sweep.path), "axes": sweep.axes, "set": sweep.fixed,
-            "seconds": seconds, "points": rows}
-    atomic_write_text(root / f"sweep-{sweep.path.stem}.json",
-                      json.dumps(body, indent=2, default=str) + "\n")
+            "overrides": overrides, "seconds": seconds, "points": rows}
+    path = root / f"sweep-{sweep.path.stem}.json"
+    try:
+        atomic_write_text(path, json.dumps(body, indent=2, default=str) + "\n")
+    except (OSError, SltError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise SltError(f"the sweep ran, but its record {path} could not be written "
+                       f"({reason}); the run directories hold every result") from None

@@ -161,9 +161,22 @@ def load(path: str | os.PathLike[str]) -> Ticket:
     body, digest = raw[:-32], raw[-32:]
     if hashlib.sha256(body).digest() != digest:
         raise TicketError(f"{path}: checksum mismatch, the file is corrupt or truncated")
+    try:
+        return _parse(body, path)
+    except TicketError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, struct.error, RuntimeError) as exc:
+        # the checksum holds, so this file was written this way: not slt's, or a bug
+        raise TicketError(f"{path}: not a ticket this slt can read "
+                          f"({type(exc).__name__}: {exc})") from None
+
+
+def _parse(body: bytes, path: Path) -> Ticket:
     (head_len,) = struct.unpack("<Q", body[len(MAGIC):len(MAGIC) + 8])
     start = len(MAGIC) + 8
     header = json.loads(body[start:start + head_len].decode("utf-8"))
+    if not isinstance(header, dict):
+        raise TicketError(f"{path}: the ticket header is not a JSON object")
     if header.get("format") != FORMAT_VERSION:
         raise TicketError(f"{path}: ticket format {header.get('format')} is not supported")
     payload = memoryview(body)[start + head_len:]

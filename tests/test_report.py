@@ -4,6 +4,7 @@ and survival on a real tiny sweep checked against the ticket files themselves.""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -14,11 +15,12 @@ import torch
 from slt import ticket
 from slt.analysis import fmt_pct, jaccard, mean_std, surviving, surviving_fraction
 from slt.cli import main
-from slt.config import from_dict, load, run_id, to_toml
+from slt.config import config_hash, from_dict, load, run_id, to_toml
 from slt.data import Batches, load_data
 from slt.report import load_runs, write_report
 from slt.search import evaluate
 from slt.sweep import load_sweep, run_sweep
+from slt.ticket import MAGIC
 from tests.conftest import TINY
 
 
@@ -55,8 +57,11 @@ def fake_run(root: Path, overrides: list[str], acc: float | None, status: str = 
     run_dir.mkdir(parents=True)
     (run_dir / "config.toml").write_text(to_toml(cfg))
     if status == "finished":
+        body = MAGIC + bytes(8)  # not a usable ticket, but an intact file: the run finished
+        (run_dir / "ticket.slt").write_bytes(body + hashlib.sha256(body).digest())
         (run_dir / "summary.json").write_text(json.dumps({
-            "final_test_acc": acc, "best_test_acc": acc, "epochs": cfg.search.epochs,
+            "config_hash": config_hash(cfg), "final_test_acc": acc, "best_test_acc": acc,
+            "epochs": cfg.search.epochs,
             "time_s": 1.0, "source_density": cfg.source.density,
             "layers": [{"name": "0", "shape": [cfg.model.hidden[0], cfg.data.input_dim],
                         "source_density": cfg.source.density}]}))
@@ -187,7 +192,7 @@ def test_survival_and_overlap_match_the_ticket_files(tmp_path) -> None:
     out = tmp_path / "runs"
     run_sweep(load_sweep(path), out, progress=False, log=lambda _: None)
     text = write_report(out, log=lambda _: None).read_text()
-    runs = {(r.config.run.seed, r.density): r for r in load_runs(out)}
+    runs = {(r.config.run.seed, r.density): r for r in load_runs(out)[0]}
     dense = ticket.load(runs[(0, 1.0)].path / "ticket.slt")
     sparse = ticket.load(runs[(0, 0.2)].path / "ticket.slt")
     d_masks = [tl.mask for tl in dense.layers]

@@ -28,8 +28,8 @@ def test_run_directory_contents(tmp_path, tiny_overrides) -> None:
     result = run_search(cfg, tmp_path, log=quiet)
     assert result.status == "finished"
     files = sorted(p.name for p in result.run_dir.iterdir())
-    assert files == [
-        "checkpoint.pt", "config.toml", "metrics.jsonl", "summary.json", "ticket.slt"]
+    assert files == [  # .lock: the one-writer lock, kept (see slt.rundir)
+        ".lock", "checkpoint.pt", "config.toml", "metrics.jsonl", "summary.json", "ticket.slt"]
     lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
