@@ -56,7 +56,7 @@ class RunLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise storage_error(exc, "create the lock file", self.path) from None
+            raise storage_error(exc, "open the lock file", self.path) from None
         told = False
         while True:
             try:
