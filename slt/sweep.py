@@ -224,8 +224,8 @@ def _serve(conn: Connection, runner: Runner, out_root: str) -> None:
     try:
         while (cfg := conn.recv()) is not None:
             conn.send(runner(cfg, out_root))
-    except (KeyboardInterrupt, EOFError):  # Ctrl-C, or the sweep went away
-        pass
+    except (KeyboardInterrupt, EOFError):  # Ctrl-C, or the sweep went away: exit cleanly,
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # deaf to a second Ctrl-C meanwhile
 
 
 def _death(code: int | None) -> str:
@@ -274,6 +274,7 @@ def _results(points: list[Point], out_root: Path, workers: int, runner: Runner
     queue = list(points)
     idle: list[_Worker] = []
     busy: list[_Worker] = []
+    interrupted = False
     try:
         while queue or busy:
             while queue and len(busy) < workers:
@@ -298,12 +299,21 @@ def _results(points: list[Point], out_root: Path, workers: int, runner: Runner
                     continue
                 idle.append(w)
                 yield point, result
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         for w in idle:
             w.stop()
-        for w in busy:  # interrupted mid-point: the run resumes from its checkpoint later
-            w.proc.terminate()
-            w.proc.join(5)
+        for w in busy:  # stopped mid-point: the run resumes from its checkpoint later
+            if interrupted:  # let it stop as Ctrl-C stops a search: lock released, no trace
+                w.proc.join(2)  # a terminal's Ctrl-C reached it already
+                if w.proc.is_alive():
+                    os.kill(w.proc.pid, signal.SIGINT)
+                    w.proc.join(30)
+            if w.proc.is_alive():
+                w.proc.terminate()
+                w.proc.join(5)
 
 
 def run_sweep(sweep: Sweep, out_root: str | os.PathLike[str], workers: int = 1,

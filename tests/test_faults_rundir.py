@@ -296,3 +296,27 @@ def test_report_of_a_copy_it_cannot_write_into_says_where(finished, capsys):
     assert main(["report", str(out), "--out", str(out / long_name)]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "cannot create the report folder" in line and "File name too long" in line
+
+
+def test_ctrl_c_stops_a_sweep_cleanly_and_it_resumes(tmp_path):
+    path = write_sweep(tmp_path, "run.seed = [0, 1, 2, 3]\n", epochs=30)
+    out = tmp_path / "runs"
+    args = ("sweep", str(path), "--out", str(out), "--no-progress", "--workers", "2",
+            "--no-report")
+    proc = slt_proc(*args, start_new_session=True)  # its own process group, like a terminal's
+    deadline = time.time() + 180
+    while not list(out.glob("*/checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the sweep and its workers
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == "slt: interrupted; rerun the same command to resume"
+    assert "Traceback" not in err
+    record = json.loads((out / "sweep-grid.json").read_text())
+    assert {row["status"] for row in record["points"]} <= {"finished", "not run"}
+    assert all(locked_by(run) is None for run in out.iterdir() if run.is_dir())
+    again = slt_proc(*args)
+    assert again.wait(timeout=600) == 0
+    for run in (p for p in out.iterdir() if p.is_dir()):
+        epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert epochs == list(range(1, 31)), run
