@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import pickle
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,12 +37,33 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
                    "ship", "truck")
 
 
+@dataclass(frozen=True)
+class Part:
+    """One place a split was read from (an idx file pair, a CIFAR pickle, a class tree) and
+    how many images and labels it gave: lets a check name the file at fault."""
+
+    images: str
+    labels: str  # the images' own path when one file or folder holds both
+    n_images: int
+    n_labels: int
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a dataset's splits came from, in reading order (for error messages only)."""
+
+    dataset: str
+    train: tuple[Part, ...] = ()
+    test: tuple[Part, ...] = ()
+
+
 @dataclass(frozen=True, eq=False)
 class Splits:
     """A dataset in memory: uint8 (N, C, H, W) images or float32 (N, D) vectors, int64 labels.
 
     `mean` / `std` are per channel in [0, 1] pixel units (vectors: 0 and 1), applied per
-    batch so the stored images stay uint8 (4x less memory on the device).
+    batch so the stored images stay uint8 (4x less memory on the device). Building one
+    runs `check_splits`, so no loader (plug-ins included) can hand the search bad data.
     """
 
     train_x: Tensor
@@ -52,19 +74,82 @@ class Splits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool = False
+    origin: Origin | None = None
 
     def __post_init__(self) -> None:
-        if len(self.train_x) != len(self.train_y) or len(self.test_x) != len(self.test_y):
-            raise ValueError("Splits: inputs and labels differ in length")
         if len(self.mean) != len(self.std):
             raise ValueError("Splits: mean and std differ in length")
+        check_splits(self)
+
+
+def check_splits(splits: Splits) -> None:
+    """One DataError naming the file or folder at fault when a split is empty, its images
+    and labels differ in count, its images are not of `spec.shape`, or a label is outside
+    [0, num_classes): caught at load time, not as an IndexError (or a device assert) after
+    the run directory was written."""
+    origin = splits.origin
+    head = f"dataset {origin.dataset}" if origin is not None else "dataset"
+    for split, x, y, parts in (
+        ("train", splits.train_x, splits.train_y, origin.train if origin else ()),
+        ("test", splits.test_x, splits.test_y, origin.test if origin else ()),
+    ):
+        if sum(p.n_images for p in parts) != len(x) or sum(p.n_labels for p in parts) != len(y):
+            parts = ()  # a loader's bookkeeping that does not add up: name the split only
+        where = _places(parts, "images") or f"the {split} split"
+        for p in parts:
+            if p.n_images != p.n_labels:
+                if p.images == p.labels:
+                    raise DataError(f"{head}: {p.images} holds {p.n_images} images but "
+                                    f"{p.n_labels} labels; the file is damaged, replace it")
+                raise DataError(f"{head}: {p.labels} holds {p.n_labels} labels but "
+                                f"{p.images} holds {p.n_images} images; one of them is "
+                                f"truncated or from another release, replace both")
+        if len(x) != len(y):
+            raise DataError(f"{head}: the {split} split has {len(x)} images but "
+                            f"{len(y)} labels")
+        if len(x) == 0:
+            raise DataError(f"{head}: {where} holds no images: the {split} split is empty"
+                            if parts else f"{head}: the {split} split holds no images")
+        if tuple(x.shape[1:]) != tuple(splits.spec.shape):
+            like = " as in the train split" if split == "test" else ""
+            raise DataError(f"{head}: {where} holds examples of shape "
+                            f"{_shape(x.shape[1:])}, expected {_shape(splits.spec.shape)}"
+                            f"{like}; make every image one size")
+        if y.dim() != 1 or y.dtype != torch.int64:
+            raise DataError(f"{head}: labels of the {split} split are "
+                            f"{y.dtype} of shape {tuple(y.shape)}, expected int64 (N,)")
+        k = splits.spec.num_classes
+        bad = ((y < 0) | (y >= k)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            file, j = _locate(parts, i, f"the {split} split")
+            raise DataError(f"{head}: {file} holds label {int(y[i])} (example {j}), "
+                            f"outside the {k} classes 0..{k - 1}")
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def _places(parts: Sequence[Part], field: str) -> str:
+    return ", ".join(dict.fromkeys(getattr(p, field) for p in parts))
+
+
+def _locate(parts: Sequence[Part], index: int, fallback: str) -> tuple[str, int]:
+    """The labels file holding example `index` of a split, and its index in that file."""
+    for p in parts:
+        if index < p.n_labels:
+            return p.labels, index
+        index -= p.n_labels
+    return fallback, index
 
 
 DATASETS: Registry[Callable[[DataConfig], Splits]] = Registry("dataset")
 
 
 def load_data(cfg: DataConfig) -> Splits:
-    """The dataset `cfg.name`, loaded whole into memory (DataError when it is missing)."""
+    """The dataset `cfg.name`, loaded whole into memory and checked (`check_splits`); a
+    DataError naming the file when it is missing or bad, before anything is written."""
     return DATASETS.get(cfg.name)(cfg)
 
 
@@ -189,12 +274,14 @@ def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def _image_splits(cfg: DataConfig, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor],
-                  num_classes: int) -> Splits:
-    """Splits of uint8 images; the crop+flip recipe only for 32x32 colour images."""
+                  num_classes: int, origin: Origin) -> Splits:
+    """Splits of uint8 images; the crop+flip recipe only for 32x32 colour images.
+
+    An empty train split gets NaN statistics, which `check_splits` rejects before use."""
     shape = tuple(train[0].shape[1:])
     mean, std = channel_stats(train[0])
     return Splits(train[0], train[1], test[0], test[1], DataSpec(shape, num_classes),
-                  mean, std, augment=cfg.augment and shape == (3, 32, 32))
+                  mean, std, augment=cfg.augment and shape == (3, 32, 32), origin=origin)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -231,16 +318,63 @@ def _torchvision_split(name: str, cls: type, cfg: DataConfig, train: bool, folde
 
 # --- MNIST-like ------------------------------------------------------------------------------
 
+IDX_UBYTE = 0x0800  # idx magic: 0x00 0x00, type 0x08 (unsigned byte), then the number of dims
+
+
+def read_idx(path: Path, ndim: int, name: str) -> Tensor:
+    """An idx file of unsigned bytes (MNIST's format) with `ndim` dimensions, as uint8.
+
+    Read here rather than by torchvision, whose reader fails on a damaged file with a bare
+    assert or a view error that names no file; this one says which file and what is wrong.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"dataset {name}: cannot read {path}: {exc.strerror or exc}") from None
+    header = 4 * (ndim + 1)
+    expected_magic = IDX_UBYTE + ndim
+    if len(raw) < header:
+        raise DataError(f"dataset {name}: {path} is {len(raw)} bytes, too short for an idx "
+                        f"header; the file is truncated, replace it")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != expected_magic:
+        raise DataError(f"dataset {name}: {path} is not an idx file of {ndim}-d unsigned bytes "
+                        f"(magic 0x{magic:08x}, expected 0x{expected_magic:08x})")
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    size = math.prod(dims)
+    if len(raw) - header != size:
+        layout = f"{_shape(dims)} = {size}" if ndim > 1 else f"{size}"
+        raise DataError(f"dataset {name}: {path} should hold {layout} bytes after its header "
+                        f"but holds {len(raw) - header}; the file is truncated or damaged, "
+                        f"replace it")
+    if size == 0:
+        return torch.zeros(dims, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header).view(dims)
+
 
 def _mnist_like(name: str, cls_name: str, cfg: DataConfig) -> Splits:
+    """torchvision's raw idx files, read by `read_idx`; torchvision itself only downloads
+    them (data.download) or reads a legacy processed copy."""
     import torchvision
 
     cls = getattr(torchvision.datasets, cls_name)
-    parts = []
-    for train in (True, False):
-        ds = _torchvision_split(name, cls, cfg, train, f"{cls_name}/raw", f"{cls_name}/raw")
-        parts.append((ds.data.unsqueeze(1).contiguous(), ds.targets.long()))
-    return _image_splits(cfg, parts[0], parts[1], 10)
+    raw = data_root(cfg) / cls_name / "raw"
+    parts, places = [], []
+    for train, prefix in ((True, "train"), (False, "t10k")):
+        images, labels = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+        if not (images.is_file() and labels.is_file()):
+            ds = _torchvision_split(name, cls, cfg, train, f"{cls_name}/raw", f"{cls_name}/raw")
+            if not (images.is_file() and labels.is_file()):  # torchvision's legacy .pt copy
+                x, y = ds.data, ds.targets.long()
+                where = str(raw.parent / "processed")
+                parts.append((x.unsqueeze(1).contiguous(), y))
+                places.append(Part(where, where, len(x), len(y)))
+                continue
+        x, y = read_idx(images, 3, name), read_idx(labels, 1, name).long()
+        parts.append((x.unsqueeze(1).contiguous(), y))
+        places.append(Part(str(images), str(labels), len(x), len(y)))
+    origin = Origin(name, (places[0],), (places[1],))
+    return _image_splits(cfg, parts[0], parts[1], 10, origin)
 
 
 @DATASETS.register("mnist")
@@ -258,23 +392,73 @@ def fashion_mnist(cfg: DataConfig) -> Splits:
 # --- CIFAR -----------------------------------------------------------------------------------
 
 
+def read_cifar_pickle(path: Path, label_key: str, name: str) -> tuple[Tensor, Tensor]:
+    """One batch file of CIFAR's python release: uint8 (N, 3, 32, 32) images and labels.
+
+    Read here rather than by torchvision, which only says "not found or corrupted" for a
+    file that fails its checksum; this one names the file and what is wrong with it.
+    """
+    try:
+        with open(path, "rb") as fh:
+            entry = pickle.load(fh, encoding="latin1")
+    except OSError as exc:
+        raise DataError(f"dataset {name}: cannot read {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # unpickling a damaged file can raise nearly anything
+        raise DataError(f"dataset {name}: {path} is not a CIFAR python batch file "
+                        f"({type(exc).__name__}: {_first_line(exc)}); replace it") from None
+    if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
+        raise DataError(f"dataset {name}: {path} lacks the 'data' and '{label_key}' entries "
+                        f"of a CIFAR python batch file; replace it")
+    data = np.asarray(entry["data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"dataset {name}: {path} holds data of shape {data.shape} "
+                        f"({data.dtype}), expected uint8 rows of 3072 = 3x32x32 pixels")
+    try:
+        labels = np.asarray(entry[label_key], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        labels = np.zeros((0, 0))
+    if labels.ndim != 1:
+        raise DataError(f"dataset {name}: {path} holds '{label_key}' that are not a list of "
+                        f"integers; replace it")
+    x = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return x, torch.from_numpy(labels)
+
+
 def _cifar(name: str, cls_name: str, folder: str, num_classes: int, cfg: DataConfig,
            jpg: Path | None = None) -> Splits:
-    """CIFAR from torchvision's python pickles, else (CIFAR-10) from a JPEG class tree."""
+    """CIFAR from its python batch files (`read_cifar_pickle`), else (CIFAR-10) from a JPEG
+    class tree; torchvision only downloads (data.download)."""
     import torchvision
 
     cls = getattr(torchvision.datasets, cls_name)
     root = data_root(cfg)
-    if not (root / folder).is_dir() and jpg is not None and (jpg / "train").is_dir():
+    base = root / folder
+    if not base.is_dir() and jpg is not None and (jpg / "train").is_dir():
         return _cifar10_jpg(cfg, jpg)
-    places = [root / folder] + ([jpg] if jpg is not None else [])
+    places = [base] + ([jpg] if jpg is not None else [])
     holding = folder + (" (or cifar10-jpg/train and cifar10-jpg/test)" if jpg else "")
-    parts = []
+    files = {True: [base / f for f, _ in cls.train_list],
+             False: [base / f for f, _ in cls.test_list]}
+    missing = [p.name for p in files[True] + files[False] if not p.is_file()]
+    if missing and base.is_dir() and not cfg.download:
+        raise DataError(f"dataset {name}: {base} lacks {', '.join(missing)}; copy the whole "
+                        f"folder again, or set data.download = true")
+    if missing:
+        for train in (True, False):  # downloads, or says where the dataset was looked for
+            _torchvision_split(name, cls, cfg, train, folder, holding, places)
+    label_key = "fine_labels" if num_classes == 100 else "labels"
+    splits, origin = [], []
     for train in (True, False):
-        ds = _torchvision_split(name, cls, cfg, train, folder, holding, places)
-        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        parts.append((x, torch.tensor(ds.targets, dtype=torch.int64)))
-    return _image_splits(cfg, parts[0], parts[1], num_classes)
+        xs, ys, read = [], [], []
+        for path in files[train]:
+            x, y = read_cifar_pickle(path, label_key, name)
+            xs.append(x)
+            ys.append(y)
+            read.append(Part(str(path), str(path), len(x), len(y)))
+        splits.append((torch.cat(xs), torch.cat(ys)))
+        origin.append(tuple(read))
+    return _image_splits(cfg, splits[0], splits[1], num_classes,
+                         Origin(name, origin[0], origin[1]))
 
 
 def _cifar10_jpg(cfg: DataConfig, jpg: Path) -> Splits:
@@ -283,8 +467,15 @@ def _cifar10_jpg(cfg: DataConfig, jpg: Path) -> Splits:
     if tuple(classes) != CIFAR10_CLASSES:
         raise DataError(f"dataset cifar10: class folders of {jpg / 'train'} are {classes}, "
                         f"expected {list(CIFAR10_CLASSES)}")
-    test_x, test_y, _ = read_image_tree(jpg / "test", classes, name="cifar10")
-    return _image_splits(cfg, (train_x, train_y), (test_x, test_y), 10)
+    test_x, test_y, _ = read_image_tree(jpg / "test", classes, name="cifar10",
+                                        empty_classes_ok=True)
+    origin = Origin("cifar10", (_tree_part(jpg / "train", train_y),),
+                    (_tree_part(jpg / "test", test_y),))
+    return _image_splits(cfg, (train_x, train_y), (test_x, test_y), 10, origin)
+
+
+def _tree_part(folder: Path, labels: Tensor) -> Part:
+    return Part(str(folder), str(folder), len(labels), len(labels))
 
 
 @DATASETS.register("cifar10")
@@ -344,12 +535,16 @@ def _decode(path: Path, fast: Callable[[bytes], Tensor] | None) -> Tensor:
 
 
 def read_image_tree(folder: Path, classes: Sequence[str] | None = None,
-                    name: str = "imagefolder") -> tuple[Tensor, Tensor, list[str]]:
+                    name: str = "imagefolder", empty_classes_ok: bool = False
+                    ) -> tuple[Tensor, Tensor, list[str]]:
     """Decode `folder/<class>/<image>` into uint8 (N, 3, H, W), int64 labels, class names.
 
     Classes are the sorted sub-folder names (as torchvision's ImageFolder), or `classes`
     when given (the train split's, so test labels mean the same). All images must share
-    one size: resizing is a modelling choice this tool does not make silently.
+    one size: resizing is a modelling choice this tool does not make silently. A class
+    folder without images is an error unless `empty_classes_ok` (the test split, which
+    may lack a class as it may lack its folder): in training it would be a class that
+    the network never sees, yet counts in its output.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -365,13 +560,22 @@ def read_image_tree(folder: Path, classes: Sequence[str] | None = None,
                             f"split lacks")
     files: list[Path] = []
     labels: list[int] = []
+    empty: list[str] = []
     for label, cls in enumerate(classes):
         if not (folder / cls).is_dir():
             continue
-        for f in sorted((folder / cls).iterdir()):
-            if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".") and f.is_file():
-                files.append(f)
-                labels.append(label)
+        found_in_class = [f for f in sorted((folder / cls).iterdir())
+                          if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
+                          and f.is_file()]
+        if not found_in_class:
+            empty.append(cls)
+        files += found_in_class
+        labels += [label] * len(found_in_class)
+    if empty and files and not empty_classes_ok:
+        raise DataError(f"dataset {name}: class folder {folder / empty[0]} holds no images "
+                        f"({', '.join(IMAGE_EXTENSIONS)})"
+                        + (f" (nor do {', '.join(empty[1:])})" if len(empty) > 1 else "")
+                        + "; add its images or remove the folder")
     if not files:
         raise DataError(f"dataset {name}: no images ({', '.join(IMAGE_EXTENSIONS)}) in "
                         f"{folder}/<class>/")
@@ -403,8 +607,10 @@ def imagefolder(cfg: DataConfig) -> Splits:
         raise _missing("imagefolder", [root / "train", root / "test"],
                        "train/<class>/ and test/<class>/ image folders", download=False)
     train_x, train_y, classes = read_image_tree(root / "train")
-    test_x, test_y, _ = read_image_tree(root / "test", classes)
-    return _image_splits(cfg, (train_x, train_y), (test_x, test_y), len(classes))
+    test_x, test_y, _ = read_image_tree(root / "test", classes, empty_classes_ok=True)
+    origin = Origin("imagefolder", (_tree_part(root / "train", train_y),),
+                    (_tree_part(root / "test", test_y),))
+    return _image_splits(cfg, (train_x, train_y), (test_x, test_y), len(classes), origin)
 
 
 # --- planted teacher -------------------------------------------------------------------------
@@ -448,7 +654,8 @@ def planted_teacher_task(cfg: DataConfig) -> tuple[Splits, Teacher]:
     scale = raw.std(0, correction=0).clamp_min(1e-12)
     teacher = Teacher(w1, w2, raw.mean(0), scale)
     splits = Splits(train_x, teacher.labels(train_x), test_x, teacher.labels(test_x),
-                    DataSpec((d,), k), (0.0,), (1.0,), augment=False)
+                    DataSpec((d,), k), (0.0,), (1.0,), augment=False,
+                    origin=Origin("planted_teacher"))
     return splits, teacher
 
 

@@ -182,3 +182,49 @@ def build_network(cfg: Config, spec: DataSpec) -> SltNetwork:
         infos.append(LayerInfo(i, names[id(layer)], layer.weight_shape, layer.numel,
                                is_searched, layer.n_source))
     return SltNetwork(body, scorer, budget, infos)
+
+
+@dataclass(frozen=True)
+class WeightCount:
+    """Sizes of a run's network, known before anything is allocated."""
+
+    layers: tuple[tuple[str, int, int], ...]  # (name, weights, source edges) per prunable layer
+
+    @property
+    def n_prunable(self) -> int:
+        return sum(n for _, n, _ in self.layers)
+
+    @property
+    def n_source(self) -> int:
+        return sum(s for _, _, s in self.layers)
+
+
+def count_weights(cfg: Config, spec: DataSpec) -> WeightCount:
+    """Prunable weights and source edges of every layer `build_network` would build.
+
+    The model is laid out on the meta device (shapes only, no storage), so this is exact
+    and costs nothing even at a width that could never be allocated. Per-layer source
+    counts come from the same `source_counts` as the build; past 2^53 weights, where float
+    rounding makes exact counts meaningless, each searched layer is counted at the density.
+    """
+    with torch.device("meta"):
+        body = build_model(cfg.model, spec)
+    names = {id(m): n for n, m in body.named_modules()}
+    layers = masked_layers(body)
+    last = len(layers) - 1
+    searched = [
+        not ((i == 0 and cfg.model.first_layer_dense) or (i == last and cfg.model.last_layer_dense))
+        for i in range(len(layers))
+    ]
+    shapes = [layer.weight_shape for layer, s in zip(layers, searched) if s]
+    sizes = [layer.numel for layer, s in zip(layers, searched) if s]
+    if cfg.source.scheme == "custom" or sum(sizes) <= 2 ** 53:
+        counts = source_counts(cfg.source.scheme, shapes, cfg.source.density,
+                               cfg.source.layer_densities)
+    else:
+        counts = [min(n, count_of(cfg.source.density, n)) for n in sizes]
+    it = iter(counts)
+    return WeightCount(tuple(
+        (names[id(layer)], layer.numel, next(it) if s else layer.numel)
+        for layer, s in zip(layers, searched)
+    ))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from slt import ticket as ticket_io
+from slt.capacity import allocation_error, allocation_errors, check_fits
 from slt.config import Config, config_hash, run_id, to_toml
 from slt.data import Batches, Splits, load_data
 from slt.errors import ConfigError, NonFiniteScoreError, SltError, storage_error
@@ -143,8 +144,10 @@ def run_search(
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     splits = load_data(cfg.data)  # fails before any file is written
+    check_fits(cfg, splits.spec, device)  # so does a network too large for this machine
     batches = Batches(splits, device)
-    net = build_network(cfg, splits.spec).to(device)
+    with allocation_errors(cfg, splits.spec):
+        net = build_network(cfg, splits.spec).to(device)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -167,9 +170,12 @@ def run_search(
         try:
             return _search(cfg, run_dir, splits, batches, net, device, stop_after_epochs,
                            embed_weights, log)
-        except Exception as exc:  # recorded for `slt report`, then raised as it was
-            _record_error(cfg, run_dir, exc)
-            raise
+        except Exception as exc:  # recorded for `slt report`, then raised
+            error = allocation_error(cfg, exc, splits.spec)  # out of memory: one line
+            _record_error(cfg, run_dir, error or exc)
+            if error is None:
+                raise
+            raise error from None
 
 
 def _finished_already(run_dir: Path, summary: dict[str, Any], embed_weights: bool,
