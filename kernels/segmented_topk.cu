@@ -7,15 +7,20 @@
 //
 // Launch sequence (10 launches whatever the number of segments):
 //   init -> 3 x (histogram, select) over 11/11/10-bit digits -> tie count -> tie scan -> write.
-// The values are read 4 times (3 histograms, write) when no run of equal values straddles a
-// segment's cut, the usual case; 5 times (plus the tie count) when one does. The mask is
-// written once.
-// Work is split into chunks of CHUNK consecutive elements that never cross a segment; the
-// host builds the chunk table once per segment layout.
+// The values of a segment are read 4 times (3 histograms, write) when no run of equal values
+// straddles its cut, the usual case; 5 times (plus the tie count) when one does; once (the
+// first histogram pass, for the non-finite check) when k = 0 or k = n. The mask is written once.
+// Work is split into chunks of CHUNK (4096, slt/cuda_topk.py) consecutive elements that never
+// cross a segment; the host builds the chunk table once per segment layout.
+// Limits: counts within a segment are uint32 (a segment holds fewer than 2^32 values), and the
+// numbers of segments and chunks are int (grid sizes); slt/cuda_topk.py's layout_limit sends
+// larger layouts to the torch path, and the binding refuses segment or chunk counts past int.
+// Never yet run on a GPU: slt self-checks it against the torch path on first use per device.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cstdint>
 
@@ -59,11 +64,14 @@ __device__ __forceinline__ bool non_finite(float v) {
   return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u;
 }
 
+// One block per segment: zero its histogram and settle its mode (k = 0 and k = n need no
+// select). The error flag is not touched here: the binding allocates it zeroed.
 __global__ void init_kernel(const int64_t* offsets, const int64_t* ks, int num_segments,
-                            SegmentState* state, uint32_t* hist, int* error) {
-  int s = blockIdx.x;
+                            SegmentState* state, uint32_t* hist) {
+  const int s = blockIdx.x;
   if (s >= num_segments) return;
-  for (int b = threadIdx.x; b < BINS; b += blockDim.x) hist[s * BINS + b] = 0u;
+  uint32_t* h = hist + static_cast<size_t>(s) * BINS;
+  for (int b = threadIdx.x; b < BINS; b += blockDim.x) h[b] = 0u;
   if (threadIdx.x == 0) {
     int64_t n = offsets[s + 1] - offsets[s];
     int64_t k = ks[s];
@@ -76,8 +84,10 @@ __global__ void init_kernel(const int64_t* offsets, const int64_t* ks, int num_s
   }
 }
 
-// chunks: int64 triples (segment, begin, end) per block. The digit is `bits` wide at `shift`;
-// digits above it must match the prefix found by the earlier passes.
+// One block per chunk. The digit is `bits` wide at `shift`; digits above it must match the
+// prefix found by the earlier passes. Only the first pass (shift + bits == 32) checks that the
+// values are finite: it reads every segment, whatever its k, and the later passes read only
+// segments still in NORMAL mode, so one check covers every value.
 template <typename T>
 __global__ void histogram_kernel(const T* __restrict__ values, const int64_t* __restrict__ chunks,
                                  const SegmentState* __restrict__ state, uint32_t* hist,
@@ -106,24 +116,26 @@ __global__ void histogram_kernel(const T* __restrict__ values, const int64_t* __
   }
   __syncthreads();
   if (st.mode == NORMAL) {
+    uint32_t* h = hist + static_cast<size_t>(seg) * BINS;
     for (int b = threadIdx.x; b < nbins; b += blockDim.x) {
-      if (local[b]) atomicAdd(&hist[seg * BINS + b], local[b]);
+      if (local[b]) atomicAdd(&h[b], local[b]);
     }
   }
 }
 
 // One block per segment. Thread t sums a run of bins taken from the top; a block-wide
 // exclusive scan gives the count above each run, and the one thread whose run holds the
-// k-th largest walks it to find the bin.
-__global__ void select_kernel(SegmentState* state, uint32_t* hist, int num_segments, int shift,
-                              int bits) {
+// k-th largest walks it to find the bin. It extends the prefix, subtracts the count above the
+// bin from `remain`, and after the last digit sets AT_LEAST when the bin (now one key) holds
+// exactly `remain` values. The histogram is zeroed for the next pass.
+__global__ void select_kernel(SegmentState* state, uint32_t* hist, int shift, int bits) {
   using Scan = cub::BlockScan<uint32_t, THREADS>;
   __shared__ typename Scan::TempStorage temp;
   const int s = blockIdx.x;
   const int nbins = 1 << bits;
   const int per = nbins / THREADS;
   const int top = nbins - 1 - threadIdx.x * per;  // this thread's bins: top, top-1, ...
-  const uint32_t* h = hist + static_cast<size_t>(s) * BINS;
+  uint32_t* h = hist + static_cast<size_t>(s) * BINS;
   uint32_t mine = 0u;
   for (int j = 0; j < per; ++j) mine += h[top - j];
   uint32_t before;
@@ -142,14 +154,15 @@ __global__ void select_kernel(SegmentState* state, uint32_t* hist, int num_segme
     state[s] = st;
   }
   __syncthreads();
-  for (int b = threadIdx.x; b < nbins; b += blockDim.x) hist[static_cast<size_t>(s) * BINS + b] = 0u;
+  for (int b = threadIdx.x; b < nbins; b += blockDim.x) h[b] = 0u;
 }
 
 // Per chunk: how many values equal the segment's threshold (ties, resolved by index later).
+// Reads nothing, and writes 0, in segments not in NORMAL mode.
 template <typename T>
 __global__ void tie_count_kernel(const T* __restrict__ values, const int64_t* __restrict__ chunks,
                                  const SegmentState* __restrict__ state, uint32_t* chunk_ties) {
-  using Reduce = cub::BlockScan<uint32_t, THREADS>;
+  using Reduce = cub::BlockReduce<uint32_t, THREADS>;
   __shared__ typename Reduce::TempStorage temp;
   const Chunk c = chunk_of(chunks);
   const int64_t seg = c.seg, begin = c.begin, end = c.end;
@@ -160,24 +173,37 @@ __global__ void tie_count_kernel(const T* __restrict__ values, const int64_t* __
       count += key_of(to_float(values[i])) == st.prefix ? 1u : 0u;
     }
   }
-  uint32_t total;
-  uint32_t ignored;
-  Reduce(temp).ExclusiveSum(count, ignored, total);
+  const uint32_t total = Reduce(temp).Sum(count);  // valid in thread 0
   if (threadIdx.x == 0) chunk_ties[blockIdx.x] = total;
 }
 
-// seg_chunks[s] .. seg_chunks[s+1]: the chunks of segment s, in order. Exclusive scan in place.
-__global__ void tie_scan_kernel(const int64_t* seg_chunks, int num_segments, uint32_t* chunk_ties) {
-  int s = blockIdx.x * blockDim.x + threadIdx.x;
-  if (s >= num_segments) return;
+// One block per segment: exclusive scan, in place, of the tie counts of its chunks
+// (seg_chunks[s] .. seg_chunks[s+1], in order), THREADS chunks at a time, so each chunk learns
+// how many ties precede it in its segment. Only NORMAL segments rank ties; the others return
+// at once (a 2^26-value global segment has 16 k chunks, too many for one thread to walk).
+__global__ void tie_scan_kernel(const int64_t* __restrict__ seg_chunks,
+                                const SegmentState* __restrict__ state, uint32_t* chunk_ties) {
+  using Scan = cub::BlockScan<uint32_t, THREADS>;
+  __shared__ typename Scan::TempStorage temp;
+  const int s = blockIdx.x;
+  if (state[s].mode != NORMAL) return;  // the same for the whole block
+  const int64_t first = seg_chunks[s], last = seg_chunks[s + 1];
   uint32_t running = 0u;
-  for (int64_t c = seg_chunks[s]; c < seg_chunks[s + 1]; ++c) {
-    const uint32_t here = chunk_ties[c];
-    chunk_ties[c] = running;
-    running += here;
+  for (int64_t tile = first; tile < last; tile += THREADS) {
+    const int64_t c = tile + threadIdx.x;
+    const uint32_t here = c < last ? chunk_ties[c] : 0u;
+    uint32_t before;
+    uint32_t tile_total;
+    Scan(temp).ExclusiveSum(here, before, tile_total);
+    if (c < last) chunk_ties[c] = running + before;
+    running += tile_total;
+    __syncthreads();  // temp storage is reused by the next tile
   }
 }
 
+// One block per chunk. AT_LEAST: key >= threshold. NONE / ALL: a constant, reading nothing.
+// NORMAL: key > threshold, or a tie whose rank in its segment (ties in earlier chunks, from the
+// tie scan, plus ties earlier in this chunk, tile by tile) is below `remain`.
 template <typename T>
 __global__ void write_kernel(const T* __restrict__ values, const int64_t* __restrict__ chunks,
                              const SegmentState* __restrict__ state,
@@ -219,31 +245,32 @@ void launch_all(const T* values, const int64_t* offsets, const int64_t* ks, int 
                 SegmentState* state, uint32_t* hist, uint32_t* chunk_ties, bool* mask,
                 int* error, cudaStream_t stream) {
   if (num_segments == 0) return;
-  init_kernel<<<num_segments, THREADS, 0, stream>>>(offsets, ks, num_segments, state, hist, error);
+  init_kernel<<<num_segments, THREADS, 0, stream>>>(offsets, ks, num_segments, state, hist);
   if (num_chunks == 0) return;
   const int shifts[3] = {21, 10, 0};
   const int widths[3] = {11, 11, 10};
   for (int pass = 0; pass < 3; ++pass) {
     histogram_kernel<T><<<num_chunks, THREADS, 0, stream>>>(values, chunks, state, hist,
                                                             shifts[pass], widths[pass], error);
-    select_kernel<<<num_segments, THREADS, 0, stream>>>(state, hist, num_segments, shifts[pass],
-                                                        widths[pass]);
+    select_kernel<<<num_segments, THREADS, 0, stream>>>(state, hist, shifts[pass], widths[pass]);
   }
   tie_count_kernel<T><<<num_chunks, THREADS, 0, stream>>>(values, chunks, state, chunk_ties);
-  tie_scan_kernel<<<(num_segments + THREADS - 1) / THREADS, THREADS, 0, stream>>>(
-      seg_chunks, num_segments, chunk_ties);
+  tie_scan_kernel<<<num_segments, THREADS, 0, stream>>>(seg_chunks, state, chunk_ties);
   write_kernel<T><<<num_chunks, THREADS, 0, stream>>>(values, chunks, state, chunk_ties, mask);
 }
 
 }  // namespace slt_topk
 
 // C entry point for the torch binding: dtype 0 = float32, 1 = float16, 2 = bfloat16.
-// `workspace` holds num_segments SegmentStates, then num_segments * 256 histogram bins,
-// then num_chunks tie counts (see slt_topk_workspace_bytes). `error` must be zeroed by the
-// caller; it becomes 1 when any value is NaN or infinite.
-extern "C" size_t slt_topk_workspace_bytes(int num_segments, int num_chunks) {
-  return sizeof(slt_topk::SegmentState) * num_segments +
-         sizeof(uint32_t) * (static_cast<size_t>(num_segments) * slt_topk::BINS + num_chunks);
+// `workspace` holds num_segments SegmentStates, then num_segments * BINS (2048) uint32
+// histogram bins, then num_chunks uint32 tie counts (see slt_topk_workspace_bytes): 8 KiB per
+// segment plus 4 bytes per chunk. `error` must be zeroed by the caller (no kernel clears it);
+// it becomes 1 when any value is NaN or infinite. The caller keeps num_segments and num_chunks
+// within int (grid sizes) and every segment below 2^32 values.
+extern "C" size_t slt_topk_workspace_bytes(int64_t num_segments, int64_t num_chunks) {
+  return sizeof(slt_topk::SegmentState) * static_cast<size_t>(num_segments) +
+         sizeof(uint32_t) * (static_cast<size_t>(num_segments) * slt_topk::BINS +
+                             static_cast<size_t>(num_chunks));
 }
 
 extern "C" int slt_topk_launch(const void* values, int dtype, const int64_t* offsets,

@@ -230,10 +230,18 @@ def run_topk_bench(sets: list[str], keeps: list[float], repeats: int, out: str |
     print_table(rows)
     for line in goal_lines(rows):
         print(line)
+    # Which path `slt.topk` timed: on a GPU whose kernel failed its self-check (or did not
+    # build) the rows are the torch path's, and must not pass for the kernel's.
+    path = "torch"
+    if device.startswith("cuda"):
+        from slt.cuda_topk import GATE
+
+        path = f"torch (kernel off: {GATE.disabled})" if GATE.disabled else "cuda kernel"
+    print(f"slt.topk ran the {path} path")
     if out:
         info = {"torch": torch.__version__, "device": device,
                 "device_name": torch.cuda.get_device_name() if device.startswith("cuda")
-                else "cpu", "threads": torch.get_num_threads()}
+                else "cpu", "threads": torch.get_num_threads(), "slt_topk_path": path}
         Path(out).write_text(json.dumps({**info, "rows": rows}, indent=2))
         print(f"wrote {out}")
     return rows

@@ -2,9 +2,10 @@
 
 Every scoring rule selects through this module, so a faster backend speeds up all of them;
 nothing outside this module knows which backend ran. CUDA float32/float16/bfloat16 input
-goes to our kernel (kernels/segmented_topk.cu, one launch per pass for all segments) when it
-builds; everything else takes the torch path below. The op is a `torch.library` custom op,
-so it works under `torch.compile`.
+goes to our kernel (kernels/segmented_topk.cu, one launch per pass for all segments) once it
+has built and passed its self-check on that device (slt.cuda_topk.KernelGate), and when the
+layout fits its 32-bit counts; everything else takes the torch path below. The op is a
+`torch.library` custom op, so it works under `torch.compile`.
 
 The torch path avoids a full sort: `torch.kthvalue` finds the k-th largest value by
 selection (O(n)), then one comparison pass and one cumulative sum over the entries
@@ -14,11 +15,15 @@ equal to the threshold resolve ties by index.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from slt.errors import NonFiniteScoreError
+
+if TYPE_CHECKING:
+    from slt.cuda_topk import KernelGate
 
 
 def _check_finite(values: Tensor) -> None:
@@ -90,16 +95,30 @@ def _torch_segmented(values: Tensor, offsets: Sequence[int], ks: Sequence[int]) 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _kernel_or_torch(values: Tensor, offsets: list[int], ks: list[int],
+                     gate: KernelGate) -> Tensor:
+    """The kernel's mask where `gate` vouches for it on this device and the layout fits its
+    32-bit counts; the torch path's otherwise (the same mask, by the self-check)."""
+    from slt import cuda_topk
+
+    if cuda_topk.layout_limit(offsets) is None:
+        result = gate.run(values, offsets, ks)
+        if result is not None:
+            mask, flagged = result
+            if not flagged:
+                return mask
+            _check_finite(values)  # raises with the index and value
+            # every value is finite, so the flag was wrong: trust the kernel no more
+            gate.disable("flagged finite values as non-finite")
+    return _torch_segmented(values, offsets, ks)
+
+
 @torch.library.custom_op("slt::segmented_topk_mask", mutates_args=())
 def _segmented_op(values: Tensor, offsets: list[int], ks: list[int]) -> Tensor:
     if values.is_cuda and values.dtype in KERNEL_DTYPES and values.numel():
         from slt import cuda_topk
 
-        if cuda_topk.extension() is not None:
-            mask, error = cuda_topk.segmented_topk_mask(values, offsets, ks)
-            if bool(error.item()):
-                _check_finite(values)  # raises with the index and value
-            return mask
+        return _kernel_or_torch(values, offsets, ks, cuda_topk.GATE)
     return _torch_segmented(values, offsets, ks)
 
 

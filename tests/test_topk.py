@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from slt.topk import reference_sort_mask, segmented_topk_mask, topk_mask
+from slt import cuda_topk
+from slt.topk import reference_sort_mask, segment_offsets, segmented_topk_mask, topk_mask
+from tests import kernel_model
 
 
 def _cases():
@@ -79,3 +82,116 @@ def test_dtypes(dtype: torch.dtype) -> None:
     values = torch.randint(0, 50, (500,), generator=torch.Generator().manual_seed(2)).to(dtype)
     for k in (0, 17, 250, 500):
         assert torch.equal(topk_mask(values, k), reference_sort_mask(values, k))
+
+
+# --- the CUDA kernel's algorithm, through its numpy model (tests/kernel_model.py) ----------
+
+CHUNK = cuda_topk.CHUNK
+
+
+def oracle(values: torch.Tensor, offsets: list[int], ks: list[int]) -> np.ndarray:
+    """Stable-sort mask of every segment, in the values' own dtype."""
+    parts = [reference_sort_mask(values[offsets[i]:offsets[i + 1]], k) for i, k in enumerate(ks)]
+    return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=bool)
+
+
+def model_matches_oracle(values: torch.Tensor, sizes: list[int], ks: list[int]):
+    offsets = segment_offsets(sizes)
+    launch = kernel_model.launch(values, offsets, ks)
+    assert not launch.error
+    assert np.array_equal(launch.mask, oracle(values, offsets, ks))
+    for i, k in enumerate(ks):
+        assert int(launch.mask[offsets[i]:offsets[i + 1]].sum()) == k
+    return launch
+
+
+def _random_bits(n: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Floats of uniformly random bit patterns of `dtype` (every exponent, denormals, both
+    signs), the non-finite ones replaced by 1.0."""
+    width = torch.finfo(dtype).bits
+    ints = {16: torch.int16, 32: torch.int32}[width]
+    bits = torch.randint(-2 ** (width - 1), 2 ** (width - 1), (n,), generator=gen).to(ints)
+    values = bits.view(dtype).clone()
+    values[~torch.isfinite(values)] = 1.0
+    return values
+
+
+N_ADVERSARIAL = 3 * CHUNK + 517  # several chunks per segment: ties straddle chunk edges
+TINY = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3e-45, 1e-39, -1e-39, 1.2e-38])
+ADVERSARIAL = {  # (dtype, generator) -> values of that dtype
+    "all equal": lambda dt, g: torch.full((N_ADVERSARIAL,), 0.25, dtype=dt),
+    "two values": lambda dt, g: torch.where(
+        torch.rand(N_ADVERSARIAL, generator=g) < 0.3, 2.0, 1.0).to(dt),
+    "sorted": lambda dt, g: torch.linspace(-3, 3, N_ADVERSARIAL).to(dt),
+    "reversed": lambda dt, g: torch.linspace(3, -3, N_ADVERSARIAL).to(dt),
+    "denormals and signed zeros": lambda dt, g: TINY[
+        torch.randint(0, 8, (N_ADVERSARIAL,), generator=g)].to(dt),
+    "last bits only": lambda dt, g: 1.0 + torch.randint(
+        0, 4, (N_ADVERSARIAL,), generator=g).to(dt) * torch.finfo(dt).eps,
+    "random bits": lambda dt, g: _random_bits(N_ADVERSARIAL, dt, g),
+    "few distinct": lambda dt, g: torch.randint(-3, 4, (N_ADVERSARIAL,), generator=g).to(dt),
+    "runs across chunks": lambda dt, g: torch.arange(7).repeat_interleave(
+        N_ADVERSARIAL // 7 + 1)[:N_ADVERSARIAL].flip(0).to(dt),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", list(ADVERSARIAL))
+def test_kernel_model_matches_the_sort_oracle(kind: str, dtype: torch.dtype) -> None:
+    values = ADVERSARIAL[kind](dtype, torch.Generator().manual_seed(11))
+    assert values.dtype == dtype and bool(torch.isfinite(values).all())
+    n = values.numel()
+    for k in (0, 1, CHUNK - 1, CHUNK + 1, n // 2, n - 1, n):
+        model_matches_oracle(values, [n], [k])  # one global segment
+    # uneven segments, each over several chunks or none, cuts anywhere
+    sizes = [CHUNK + 3, 0, 1, 2 * CHUNK + 1, n - 3 * CHUNK - 5]
+    for ks in ([1, 0, 1, CHUNK, 100], [CHUNK, 0, 0, 2 * CHUNK + 1, 0], [7, 0, 1, 5000, 211]):
+        model_matches_oracle(values, sizes, ks)
+
+
+def test_kernel_model_many_tiny_segments() -> None:
+    g = torch.Generator().manual_seed(12)
+    sizes = torch.randint(0, 3, (1500,), generator=g).tolist()
+    values = torch.randint(0, 2, (sum(sizes),), generator=g).float()
+    for rule in (lambda n: 0, lambda n: n, lambda n: n // 2, lambda n: (n + 1) // 2):
+        model_matches_oracle(values, sizes, [rule(n) for n in sizes])
+
+
+def test_kernel_model_ranks_ties_over_more_chunks_than_threads() -> None:
+    """The tie scan walks a segment's chunks THREADS at a time: 260 chunks take two tiles."""
+    n = 260 * CHUNK
+    values = torch.zeros(n)
+    values[::997] = 1.0  # a few values above the threshold, the rest one long run of ties
+    above = int((values > 0).sum())
+    for k in (above + 256 * CHUNK + 5, n - 1):
+        launch = model_matches_oracle(values, [n], [k])
+        assert launch.mode.tolist() == [kernel_model.NORMAL]
+
+
+def test_key_of_orders_like_the_floats() -> None:
+    values = torch.tensor([-float("inf"), -3.0, -1e-38, -1e-45, -0.0, 0.0, 1e-45, 1e-38, 2.5,
+                           3.4e38, float("inf")])
+    keys = kernel_model.key_of(values.numpy()).astype(np.int64)
+    assert keys[4] == keys[5] == 0x80000000  # -0 folded onto +0
+    assert np.all(np.diff(np.delete(keys, 4)) > 0)
+    assert kernel_model.non_finite(np.array([np.inf, -np.inf, np.nan, 3e38], dtype=np.float32)
+                                   ).tolist() == [True, True, True, False]
+
+
+def test_kernel_model_reads_as_the_docs_say() -> None:
+    """4 reads with no tie at the cut (the >= shortcut), 5 when ties are ranked, 1 for k = 0
+    and k = n (the first pass's finiteness check), none for an empty segment."""
+    values = torch.cat([torch.randn(5000, generator=torch.Generator().manual_seed(13)),
+                        torch.ones(5000), torch.ones(10), torch.ones(10)])
+    launch = model_matches_oracle(values, [5000, 5000, 0, 10, 10], [2500, 2500, 0, 0, 10])
+    assert launch.reads.tolist() == [4, 5, 0, 1, 1]
+    assert launch.mode.tolist() == [kernel_model.AT_LEAST, kernel_model.NORMAL,
+                                    kernel_model.NONE, kernel_model.NONE, kernel_model.ALL]
+
+
+def test_kernel_model_flags_non_finite_in_every_segment() -> None:
+    for position, ks in ((3, [0, 10]), (15, [0, 10]), (15, [5, 5])):
+        values = torch.ones(20)
+        values[position] = float("nan") if position == 3 else float("-inf")
+        assert kernel_model.launch(values, [0, 10, 20], ks).error
+    assert not kernel_model.launch(torch.ones(20), [0, 10, 20], [0, 10]).error

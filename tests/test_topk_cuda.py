@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -24,12 +26,38 @@ def check(values: torch.Tensor, sizes: list[int], ks: list[int]) -> None:
     expected = _torch_segmented(values.cpu().float(), offsets, ks)
     got = segmented_topk_mask(values.cuda(), offsets, ks).cpu()
     assert torch.equal(got, expected)
+    assert cuda_topk.GATE.disabled is None  # the kernel ran: it was not replaced by the torch path
     for i, k in enumerate(ks):
         assert int(got[offsets[i]:offsets[i + 1]].sum()) == k
 
 
+CUDA = torch.device("cuda", 0)
+
+
 def test_the_kernel_is_what_runs() -> None:
-    assert cuda_topk.extension() is not None, "the CUDA kernel did not build"
+    """It builds for this GPU's arch and passes its self-check, so the op uses it."""
+    assert cuda_topk.GATE.kernel(CUDA) is not None, cuda_topk.GATE.disabled
+    name, _ = cuda_topk.build_options(torch.cuda.get_device_capability(CUDA),
+                                      os.environ.get("TORCH_CUDA_ARCH_LIST"))
+    assert cuda_topk.extension(CUDA).__name__ == name
+
+
+def test_the_kernel_passes_the_self_check_on_every_device() -> None:
+    for index in range(torch.cuda.device_count()):
+        device = torch.device("cuda", index)
+        assert cuda_topk.check_kernel(cuda_topk.build_kernel(device), device) is None
+
+
+def test_a_segment_past_uint32_takes_the_torch_path(monkeypatch) -> None:
+    """The guard, not the kernel, sees a too-large segment (limit lowered: 2^32 values would
+    need 8 GiB even in fp16)."""
+    monkeypatch.setattr(cuda_topk, "SEGMENT_LIMIT", 1000)
+    launches = []
+    gate = cuda_topk.KernelGate(lambda device: lambda *a: launches.append(a) or (None, None))
+    monkeypatch.setattr(cuda_topk, "GATE", gate)
+    values = torch.randint(0, 3, (3000,), generator=GEN).float()
+    check(values, [1000, 2000], [10, 1500])
+    assert launches == [] and gate.disabled is None
 
 
 GEN = torch.Generator().manual_seed(0)
@@ -86,7 +114,9 @@ def test_search_gives_the_same_ticket_with_either_path(tmp_path, tiny_overrides,
 
     cfg = config.load(None, [*tiny_overrides, "run.device=cuda", "model.hidden=[64, 64]"])
     with_kernel = run_search(cfg, tmp_path / "kernel", log=lambda _: None)
-    monkeypatch.setattr(cuda_topk, "extension", lambda: None)
+    torch_only = cuda_topk.KernelGate(cuda_topk.build_kernel)
+    torch_only.disabled = "turned off by the test"  # silently: no warning
+    monkeypatch.setattr(cuda_topk, "GATE", torch_only)
     with_torch = run_search(cfg, tmp_path / "torch", log=lambda _: None)
     a = ticket.load(with_kernel.run_dir / "ticket.slt")
     b = ticket.load(with_torch.run_dir / "ticket.slt")
