@@ -47,6 +47,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
     from slt import ticket as ticket_io
+    from slt.capacity import allocation_errors
     from slt.config import apply_overrides, from_dict
     from slt.data import Batches, load_data
     from slt.search import evaluate, resolve_device
@@ -59,8 +60,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ticket = dataclasses.replace(ticket, config=cfg)
     device = resolve_device(args.device or cfg.run.device)
     splits = load_data(cfg.data)
-    net = ticket_io.rebuild(ticket, device)
-    loss, acc = evaluate(net, Batches(splits, device), cfg.search.eval_batch_size)
+    with allocation_errors(cfg, splits.spec):  # a ticket found on a bigger machine
+        net = ticket_io.rebuild(ticket, device)
+        loss, acc = evaluate(net, Batches(splits, device), cfg.search.eval_batch_size)
     dens = ticket.header["densities"]
     recorded = ticket.metrics.get("test_acc")
     print(f"ticket {args.ticket}")
@@ -79,12 +81,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    from slt.config import run_id, to_toml
+    from slt.config import load_raw, rule_settings, run_id, to_toml
 
     cfg = _load(args)
+    # values the scoring rule declared (the user's file and --set left them unset)
+    from_rule = rule_settings(load_raw(args.config, args.overrides))
+    notes = {f"search.{key}": f"from scorer {cfg.search.scorer} (slt scorers)"
+             for key in from_rule}
     print(f"# run id: {run_id(cfg)}")
     print(f"# ticket density {cfg.ticket_density:.6g} absolute, keep {cfg.keep:.6g} of the source")
-    print(to_toml(cfg), end="")
+    print(to_toml(cfg, notes), end="")
     return 0
 
 
@@ -115,7 +121,7 @@ def cmd_bench_topk(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from slt.config import check_key, parse_override
+    from slt.config import check_alternatives, check_key, parse_override
     from slt.sweep import load_sweep, run_sweep
 
     if args.workers < 1:
@@ -124,6 +130,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     overrides = dict(parse_override(item) for item in args.overrides)
     for key in overrides:
         check_key(key, "--set")
+    check_alternatives(overrides, "--set")
     outcome = run_sweep(sweep, args.out, args.workers, overrides, progress=not args.no_progress)
     busy = f"{len(outcome.busy)} being run by another process, " if outcome.busy else ""
     print(f"{len(outcome.done)} runs done, {len(outcome.failed)} failed, {busy}"
@@ -139,7 +146,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_scorers(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from slt.config import rule_optimizer
     from slt.scorers import SCORERS, scorer_class
+
+    def shown(value: object) -> str:
+        return format(value, "g") if isinstance(value, float) else str(value)
 
     for name in SCORERS.names():
         try:
@@ -150,8 +161,10 @@ def cmd_scorers(args: argparse.Namespace) -> int:
         paragraph = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
         summary = cls.summary or paragraph.split(". ")[0].rstrip(".")
         options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options))
+        optimizer = ", ".join(f"{k}={shown(v)}" for k, v in rule_optimizer(cls).items())
         origin = SCORERS.origins.get(name, "slt")
         print(f"{name:18s} {summary}" + (f" [options: {options}]" if options else "")
+              + (f" [optimizer: {optimizer}]" if optimizer else "")
               + (f" (from {origin})" if origin != "slt" else ""))
     for name, why in sorted(SCORERS.broken.items()):
         print(f"{name:18s} failed to load: {why}")

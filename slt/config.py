@@ -15,6 +15,7 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,7 @@ def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
         known = [f.name for f in fields(cls)]
         if name == "search":
             body = _scorer_table(body, origin)
+            body = {**_rule_filled(body), **body}
         kwargs = {}
         for key, value in body.items():
             if key not in known:
@@ -271,6 +273,84 @@ def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
                                                 dict(cfg.search.scorer_options)))
     return dataclasses.replace(cfg, search=dataclasses.replace(
         cfg.search, scorer_options=tuple(sorted(options.items()))))
+
+
+# --- settings a scoring rule declares ------------------------------------------------------
+
+# search.* keys a scoring rule may declare (Scorer.optimizer): how its scores are optimised.
+OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay", "nesterov", "warmup_epochs")
+
+
+def rule_optimizer(cls: Any) -> dict[str, Any]:
+    """The optimizer settings scoring rule `cls` declares, typed and checked: a rule that
+    names a key slt does not have, or an impossible value, is a ConfigError (so `slt
+    scorers` lists it as unusable and only configs that name it fail)."""
+    declared = getattr(cls, "optimizer", None) or {}
+    rule = getattr(cls, "name", "") or cls.__name__
+    if not isinstance(declared, Mapping):
+        raise ConfigError(f"scorer '{rule}': optimizer must be a dict of search.* settings")
+    hints = typing.get_type_hints(SearchConfig)
+    values = {}
+    for key, value in declared.items():
+        if key not in OPTIMIZER_KEYS:
+            allowed = ", ".join(f"search.{k}" for k in OPTIMIZER_KEYS)
+            raise ConfigError(f"scorer '{rule}' declares optimizer setting '{key}'"
+                              f"{did_you_mean(str(key), list(OPTIMIZER_KEYS))}; a rule may "
+                              f"declare {allowed}")
+        try:
+            values[key] = _coerce(f"search.{key}", value, hints[key])
+        except ConfigError as exc:
+            raise ConfigError(f"scorer '{rule}' declares {exc}") from None
+        if isinstance(values[key], float) and not math.isfinite(values[key]):
+            raise ConfigError(f"scorer '{rule}' declares search.{key} = {value}: not finite")
+    try:
+        _check_optimizer(dataclasses.replace(SearchConfig(), **values))
+    except ConfigError as exc:
+        raise ConfigError(f"scorer '{rule}' declares an impossible setting: {exc}") from None
+    return values
+
+
+def _rule_filled(search: dict[str, Any]) -> dict[str, Any]:
+    """The rule's declared settings that a [search] table (file and --set applied, scorer
+    table split) leaves unset: the user's values come first, then the rule's, then slt's
+    defaults. An unknown rule fills nothing; validate() names it."""
+    from slt.scorers import scorer_class
+
+    name = search.get("scorer", SearchConfig.scorer)
+    if not isinstance(name, str):
+        return {}  # a wrong type: _coerce reports it
+    try:
+        declared = rule_optimizer(scorer_class(name))
+    except ConfigError:
+        return {}  # reported by validate() with the rest of the config
+    return {k: v for k, v in declared.items() if k not in search}
+
+
+def rule_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """Which search.* values of the config built from `raw` come from its scoring rule's
+    declaration (key -> value), for `slt config show`."""
+    body = raw.get("search", {})
+    if not isinstance(body, dict):
+        return {}
+    return _rule_filled(_scorer_table(body, "config"))
+
+
+# --- overrides -----------------------------------------------------------------------------
+
+# Keys that spell one quantity two ways: one table of settings gives at most one of each.
+ALTERNATIVES: tuple[tuple[str, ...], ...] = (("search.keep", "search.ticket_density"),)
+
+
+def check_alternatives(keys: Iterable[str], origin: str) -> None:
+    """ConfigError when one table of settings (a --set list, a sweep's [set] or [axes], a
+    sweep's --set list) names two spellings of one quantity: which one wins would depend on
+    their order. One such key replacing the other given elsewhere (a file) stays allowed."""
+    given = set(keys)
+    for group in ALTERNATIVES:
+        both = [k for k in group if k in given]
+        if len(both) > 1:
+            raise ConfigError(f"{origin}: {' and '.join(both)} both given; they are two "
+                              "spellings of the ticket size, give exactly one")
 
 
 def set_key(raw: dict[str, Any], dotted: str, value: Any, origin: str = "--set") -> None:
@@ -324,10 +404,14 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` strings to nested dicts (typed later by `from_dict`)."""
+    """Apply `section.key=value` strings to nested dicts (typed later by `from_dict`).
+    The list is one table of settings: naming both search.keep and search.ticket_density
+    in it is an error (`check_alternatives`)."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-    for item in overrides:
-        set_key(out, *parse_override(item))
+    parsed = [parse_override(item) for item in overrides]
+    check_alternatives((dotted for dotted, _ in parsed), "--set")
+    for dotted, value in parsed:
+        set_key(out, dotted, value)
     return out
 
 
@@ -360,11 +444,17 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
+def load_raw(path: str | os.PathLike[str] | None = None,
+             overrides: list[str] | None = None) -> dict[str, Any]:
+    """The TOML config (or nothing) with `--set` overrides applied, not yet typed: what the
+    user gave, before defaults."""
+    raw = read_toml(path) if path is not None else {}
+    return apply_overrides(raw, overrides or [])
+
+
 def load(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
     """Load a TOML config (or the defaults), apply `--set` overrides, validate."""
-    raw = read_toml(path) if path is not None else {}
-    raw = apply_overrides(raw, overrides or [])
-    return from_dict(raw, origin=str(path) if path else "config")
+    return from_dict(load_raw(path, overrides), origin=str(path) if path else "config")
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -441,6 +531,15 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    _check_optimizer(s)
+    if s.warmup_epochs > s.epochs:
+        raise ConfigError(f"search.warmup_epochs ({s.warmup_epochs}) exceeds search.epochs")
+    if cfg.run.threads < 0:
+        raise ConfigError(f"run.threads must be >= 0, got {cfg.run.threads}")
+
+
+def _check_optimizer(s: SearchConfig) -> None:
+    """Ranges of the optimizer settings (shared by configs and rules' declarations)."""
     if s.lr <= 0:
         raise ConfigError(f"search.lr must be positive, got {s.lr}")
     for key, value in (("search.momentum", s.momentum),
@@ -449,10 +548,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
     if s.weight_decay < 0 or s.warmup_epochs < 0:
         raise ConfigError("search.weight_decay and search.warmup_epochs must be >= 0")
-    if s.warmup_epochs > s.epochs:
-        raise ConfigError(f"search.warmup_epochs ({s.warmup_epochs}) exceeds search.epochs")
-    if cfg.run.threads < 0:
-        raise ConfigError(f"run.threads must be >= 0, got {cfg.run.threads}")
 
 
 # --- serialisation and identity -----------------------------------------------------------
@@ -472,14 +567,17 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def to_toml(cfg: Config) -> str:
-    """The fully resolved config as TOML (None-valued keys are left out)."""
+def to_toml(cfg: Config, comments: Mapping[str, str] | None = None) -> str:
+    """The fully resolved config as TOML (None-valued keys are left out); `comments` maps a
+    dotted key to a note written after its value (e.g. where the value came from)."""
+    comments = comments or {}
     lines = []
     for section, body in cfg.to_dict().items():
         lines.append(f"[{section}]")
         for key, value in body.items():
             if value is not None:
-                lines.append(f"{key} = {_toml_value(value)}")
+                note = comments.get(f"{section}.{key}")
+                lines.append(f"{key} = {_toml_value(value)}" + (f"  # {note}" if note else ""))
         lines.append("")
     return "\n".join(lines)
 

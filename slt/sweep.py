@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from slt.config import (
     Config,
+    check_alternatives,
     check_key,
     from_dict,
     read_toml,
@@ -152,6 +153,8 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
         base = {}
     fixed = _flatten(raw.get("set", {}), f"{p} [set]")
     axes = _flatten(raw.get("axes", {}), f"{p} [axes]")
+    check_alternatives(fixed, f"{p} [set]")  # within a table, keep and ticket_density clash
+    check_alternatives(axes, f"{p} [axes]")
     for dotted, values in axes.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{p} [axes]: {dotted} must be a non-empty list of values")

@@ -103,7 +103,7 @@ def test_out_under_a_file_is_one_line(tmp_path) -> None:
     proc = slt("search", "--config", "configs/quick.toml", "--out", str(blocker / "runs"),
                *sets(TINY))
     assert proc.returncode == 2
-    assert "slt: error: cannot create run directory" in proc.stderr
+    assert "slt: error: cannot create the run directory" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 

@@ -21,11 +21,16 @@ __all__ = ["SCORERS", "Budget", "EpochContext", "Scorer", "StraightThroughTopK",
 
 
 def scorer_class(name: str) -> type[Scorer]:
+    """The registered rule `name`, checked to be a Scorer whose declared optimizer settings
+    name real search.* keys with possible values (a ConfigError otherwise)."""
+    from slt.config import rule_optimizer
+
     cls = SCORERS.get(name)
     if not (isinstance(cls, type) and issubclass(cls, Scorer)):
         from slt.errors import ConfigError
 
         raise ConfigError(f"scorer '{name}' is not a slt.scorers.Scorer subclass")
+    rule_optimizer(cls)
     return cls
 
 

@@ -92,13 +92,17 @@ class Scorer(ABC):
     Class attributes: `name`; `Options` (a frozen dataclass of the rule's options);
     `stores_weights`, True for rules whose ticket needs the weights written into the file
     (they re-randomise weights, or fold signs into them); the ticket then stores
-    `ticket_weights(layer)` for every searched layer.
+    `ticket_weights(layer)` for every searched layer; `optimizer`, the search.* settings
+    the rule needs to learn at all (e.g. {"lr": 10.0} for a rule whose gradients are
+    small), used wherever the user's config file and --set leave them unset. Keys are
+    limited to `slt.config.OPTIMIZER_KEYS`; anything else makes the rule unusable.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for `slt scorers` (default: the docstring's first)
     Options: ClassVar[type] = NoOptions
     stores_weights: ClassVar[bool] = False
+    optimizer: ClassVar[dict[str, Any]] = {}  # search.* settings: user > rule > slt default
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()

@@ -25,17 +25,26 @@ class Bernoulli(Scorer):
     Zhou et al. threshold at sigmoid(s) > 0.5 with a free density; here the threshold is
     the k-th largest score, so the ticket has exactly the run's budget and rules compare
     at one density. Scores start at logit(keep) plus the usual small uniform noise, so the
-    expected training density starts at the target (weight decay on the scores pulls it
-    towards 1/2 over the run; set search.weight_decay = 0 to avoid that). Samples come
-    from a generator seeded by (run seed, epoch), so a resumed run draws what an
-    uninterrupted one draws. The gradient through sigmoid is small, and Zhou et al. train
-    supermasks with a large learning rate (SGD, lr 100): with slt's default lr 0.1 the
-    scores barely move (MNIST stays at chance); search.lr = 30 reached 83% in 2 epochs.
+    expected training density starts at the target. Samples come from a generator seeded
+    by (run seed, epoch), so a resumed run draws what an uninterrupted one draws.
+
+    Optimizer (declared in `optimizer`, used where the user's config leaves a key unset):
+    the gradient through sigmoid is small, and Zhou et al. train supermasks with a large
+    learning rate (SGD, lr 100), so the rule declares lr 10; weight decay on the scores
+    pulls them towards 0 (sigmoid 1/2, not the target density), which a large lr makes
+    strong, so it declares weight_decay 0. Measured on MNIST, LeNet-300-100, one epoch,
+    source density 0.5, ticket density 0.25, test accuracy (seeds 0 / 1): lr 0.1 (slt's
+    default) 30%; weight_decay 0: lr 1 47%, 3 69%, 10 84% / 82%, 30 78% / 74%, 100 66%;
+    weight_decay 1e-4 (mnist_lenet.toml sets it, so there it replaces the rule's 0): lr 10
+    72% / 73%, 30 74% / 74%; weight_decay 5e-4 (slt's default): lr 10 42%. Over longer
+    runs the test accuracy (top-k mask) falls while the sampled training accuracy rises
+    (lr 10, weight_decay 0, 3 epochs: test 81%, 76%, 75%; train 75%, 88%, 89%).
     """
 
     name = "bernoulli"
     summary = ("mask sampled from sigmoid(scores) in training, top-k in evaluation "
                "(Zhou et al. 2019)")
+    optimizer = {"lr": 10.0, "weight_decay": 0.0}  # measured: see the docstring
 
     def __init__(self, options: object = None) -> None:
         super().__init__(options)
