@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -264,8 +265,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv:
         argv = default_argv()
     args = build_parser().parse_args(argv)
+    resumable = args.command in ("search", "sweep")
+    previous = signal.signal(signal.SIGTERM, _terminate)  # SLURM's way to stop a job
     try:
         return args.func(args)
+    except Terminated:
+        print("slt: terminated" + ("; rerun the same command to resume" if resumable else ""),
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
     except SltError as exc:
         print(f"slt: error: {exc}", file=sys.stderr)
         return 2
@@ -273,8 +280,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"slt: error: {storage_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("slt: interrupted; rerun the same command to resume", file=sys.stderr)
+        print("slt: interrupted" + ("; rerun the same command to resume" if resumable else ""),
+              file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: runs stop where a rerun resumes them, a sweep stops its
+    workers and writes its record."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":

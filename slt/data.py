@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from slt.config import DataConfig, default_data_root
-from slt.errors import DataError
+from slt.errors import DataError, first_line
 from slt.registry import Registry
 from slt.seeding import generator
 from slt.spec import DataSpec
@@ -284,10 +284,6 @@ def _image_splits(cfg: DataConfig, train: tuple[Tensor, Tensor], test: tuple[Ten
                   mean, std, augment=cfg.augment and shape == (3, 32, 32), origin=origin)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
 
 def _missing(name: str, places: Sequence[Path], holding: str, download: bool = True) -> DataError:
     where = " or ".join(str(p) for p in places)
@@ -308,12 +304,12 @@ def _torchvision_split(name: str, cls: type, cfg: DataConfig, train: bool, folde
             raise _missing(name, places or [root / folder], holding) from None
         if cfg.download:
             raise DataError(f"dataset {name}: download into {root} failed: "
-                            f"{_first_line(exc)}") from None
+                            f"{first_line(exc)}") from None
         raise DataError(f"dataset {name}: cannot read {root / folder}: "
-                        f"{_first_line(exc)}") from None
+                        f"{first_line(exc)}") from None
     except OSError as exc:
         raise DataError(f"dataset {name}: cannot read or download into {root / folder}: "
-                        f"{_first_line(exc)}") from None
+                        f"{first_line(exc)}") from None
 
 
 # --- MNIST-like ------------------------------------------------------------------------------
@@ -405,7 +401,7 @@ def read_cifar_pickle(path: Path, label_key: str, name: str) -> tuple[Tensor, Te
         raise DataError(f"dataset {name}: cannot read {path}: {exc.strerror or exc}") from None
     except Exception as exc:  # unpickling a damaged file can raise nearly anything
         raise DataError(f"dataset {name}: {path} is not a CIFAR python batch file "
-                        f"({type(exc).__name__}: {_first_line(exc)}); replace it") from None
+                        f"({type(exc).__name__}: {first_line(exc)}); replace it") from None
     if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
         raise DataError(f"dataset {name}: {path} lacks the 'data' and '{label_key}' entries "
                         f"of a CIFAR python batch file; replace it")
@@ -530,7 +526,7 @@ def _decode(path: Path, fast: Callable[[bytes], Tensor] | None) -> Tensor:
         raise DataError(f"cannot read image {path}: not an image format PIL or torchvision "
                         f"can decode") from None
     except OSError as exc:
-        raise DataError(f"cannot read image {path}: {_first_line(exc)}") from None
+        raise DataError(f"cannot read image {path}: {first_line(exc)}") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 

@@ -15,6 +15,13 @@ class DataError(SltError):
     """A dataset that cannot be found or read."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none): what a
+    one-line error quotes of a library's multi-line message."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 class StorageError(SltError):
     """A file or folder that cannot be written or read: full disk, read-only filesystem,
     permissions, a name too long. Named with its path and the system's reason."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tempfile
@@ -11,6 +12,14 @@ from typing import Any
 import torch
 
 from slt.errors import storage_error
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask (read once: reading it means setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -24,6 +33,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         raise storage_error(exc, "write", path) from None
     try:
         with os.fdopen(fd, "wb") as fh:
+            # mkstemp makes the file private (0600); a run is a shared result: the usual mode
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

@@ -26,7 +26,16 @@ from slt.analysis import fmt_pct, jaccard, mean_std, surviving, surviving_fracti
 from slt.config import NOT_HASHED, Config, config_hash, dense_source, from_dict, read_toml
 from slt.errors import SltError, storage_error
 from slt.fileio import atomic_write_text
-from slt.rundir import CONFIG, ERROR, METRICS, RUN_FILES, read_json, read_metrics, read_summary
+from slt.rundir import (
+    CONFIG,
+    ERROR,
+    METRICS,
+    RUN_FILES,
+    holder_alive,
+    read_json,
+    read_metrics,
+    read_summary,
+)
 from slt.sweep import THEORY, theory_width
 
 ANY = "any"  # the scheme of a dense (d = 1) run
@@ -37,7 +46,7 @@ DENSITY, SEED, SCHEME, WIDTH = "source.density", "run.seed", "source.scheme", "m
 class Run:
     path: Path
     config: Config
-    status: str  # finished, running or failed
+    status: str  # finished, running, interrupted (its process is gone: rerun it) or failed
     acc: float | None  # final test accuracy (last epoch's while running)
     epochs_done: int
     error: str
@@ -94,27 +103,31 @@ class Unreadable:
     reason: str
 
 
-def _is_run_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in RUN_FILES)
-
-
 def load_run(path: Path) -> Run | Unreadable | None:
-    """A run directory's state, `Unreadable` with the reason when its files are damaged,
-    or None for a folder that is not a run directory."""
-    if not _is_run_dir(path):
-        return None
+    """A run directory's state, `Unreadable` with the reason when its files are damaged or
+    cannot be read, or None for a folder that is not a run directory."""
+    try:
+        if not any((path / name).exists() for name in RUN_FILES):
+            return None
+        return _load_run(path)
+    except OSError as exc:  # a folder or file this user may not read, say
+        return Unreadable(path, f"{exc.filename or path}: {exc.strerror or exc}")
+
+
+def _load_run(path: Path) -> Run | Unreadable:
     if not (path / CONFIG).is_file():
         return Unreadable(path, f"{CONFIG} is missing")
     try:
         cfg = from_dict(read_toml(path / CONFIG), str(path / CONFIG))
     except SltError as exc:  # damaged, or made with a scorer plug-in not installed here
         return Unreadable(path, str(exc))
-    except (OSError, UnicodeDecodeError) as exc:
-        return Unreadable(path, f"{CONFIG} cannot be read ({exc})")
-    rerun = "; rerun its search to finish it again from its checkpoint"
+    except UnicodeDecodeError as exc:
+        return Unreadable(path, f"{CONFIG} is not UTF-8 text ({exc.reason})")
     summary, problem = read_summary(path, config_hash(cfg))
     if problem:
-        return Unreadable(path, problem + rerun)
+        repair = "" if "cannot be read" in problem else \
+            "; rerun its search to rebuild it from the checkpoint"
+        return Unreadable(path, problem + repair)
     error, problem = read_json(path / ERROR)
     if problem:
         return Unreadable(path, problem)
@@ -123,8 +136,9 @@ def load_run(path: Path) -> Run | Unreadable | None:
         status, acc, done = "finished", summary["final_test_acc"], summary["epochs"]
     elif error is not None:
         status, acc, done = "failed", None, len(rows)
-    else:
-        status, done = "running", len(rows)
+    else:  # nobody's lock on it any more: a killed or interrupted run, not a running one
+        status = "interrupted" if holder_alive(path) is False else "running"
+        done = len(rows)
         acc = rows[-1]["test_acc"] if rows else None
     return Run(path, cfg, status, acc, done, str((error or {}).get("error", "")), summary,
                settings_of(cfg))
@@ -509,11 +523,14 @@ def write_report(runs_dir: str | os.PathLike[str], out: str | os.PathLike[str] |
 
     study = Study(runs, varying_keys(runs))
     fin = study.finished
-    running = [r for r in runs if r.status == "running"]
+    running = [r for r in runs if r.status in ("running", "interrupted")]
+    stopped = sum(r.status == "interrupted" for r in runs)
     failed = [r for r in runs if r.status == "failed"]
     md = [f"# slt report: {Path(runs_dir).name}\n",
           f"{len(runs) + len(unreadable)} run directories: {len(fin)} finished, "
-          f"{len(running)} running, {len(failed)} failed, {len(unreadable)} unreadable. "
+          f"{len(running) - stopped} running, "
+          + (f"{stopped} interrupted, " if stopped else "")
+          + f"{len(failed)} failed, {len(unreadable)} unreadable. "
           "Accuracies are final test accuracies in percent, mean ± "
           "sample std (number of seeds) over seeds. Produced by `slt report`.\n"]
     if runs:
@@ -562,9 +579,12 @@ def write_report(runs_dir: str | os.PathLike[str], out: str | os.PathLike[str] |
             md += ["## Layerwise source densities\n", _profile_table(profiles)]
             md.append(plots.profiles(profiles))
     if running:
-        md += ["## Running\n", markdown_table(["run", "epochs done", "last test acc"], [
+        state = {"running": "running", "interrupted": "interrupted (its process is gone): "
+                 "rerun its search to resume"}
+        md += ["## Running\n", markdown_table(["run", "epochs done", "last test acc", "state"], [
             [r.path.name, f"{r.epochs_done}/{r.config.search.epochs}",
-             fmt_pct([r.acc] if r.acc is not None else [])] for r in running])]
+             fmt_pct([r.acc] if r.acc is not None else []), state[r.status]]
+            for r in running])]
     if failed:
         md += ["## Failed\n", markdown_table(["run", "error"],
                                              [[r.path.name, r.error] for r in failed])]

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import socket
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,34 +50,39 @@ class RunLock:
         self.unsupported = ""  # why the filesystem could not lock, when it could not
 
     def acquire(self, wait: bool, on_wait: Callable[[str], None] | None = None,
-                poll_s: float = 0.5) -> bool:
+                poll_s: float = 0.5, record: bool = True) -> bool:
         """Take the lock. With `wait`, block until the holder exits (calling `on_wait` once
         with the holder's description); without, return False when another process holds it.
-        """
+        With `record`, write this process as the holder (a mere probe does not)."""
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise storage_error(exc, "open the lock file", self.path) from None
         told = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not wait:
-                    os.close(fd)
-                    return False
-                if not told and on_wait is not None:
-                    on_wait(self.holder())
-                    told = True
-                time.sleep(poll_s)  # polled, so Ctrl-C still interrupts the wait at once
-            except OSError as exc:
-                if exc.errno not in _NO_LOCKS:
-                    os.close(fd)
-                    raise
-                self.unsupported = os.strerror(exc.errno)
-                break
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not wait:
+                        os.close(fd)
+                        return False
+                    if not told and on_wait is not None:
+                        on_wait(self.holder())
+                        told = True
+                    time.sleep(poll_s)  # polled, so Ctrl-C still interrupts the wait at once
+                except OSError as exc:
+                    if exc.errno not in _NO_LOCKS:
+                        raise
+                    self.unsupported = os.strerror(exc.errno)
+                    break
+        except BaseException:  # an error, or Ctrl-C while waiting: no descriptor left open
+            os.close(fd)
+            raise
         self._fd = fd
+        if not record:
+            return True
         try:  # who holds it, for the messages of a process that waits
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
@@ -104,13 +110,36 @@ class RunLock:
         self.release()
 
 
+def holder_alive(run_dir: Path) -> bool | None:
+    """Whether the process named in `run_dir/.lock` still runs, without touching the lock
+    (a probe that took it, however briefly, could make a sweep skip the point): False when
+    it is a process of this host that has exited (a killed or interrupted run), True when
+    it lives, None when that cannot be told (no holder recorded, another host)."""
+    try:
+        text = (run_dir / LOCK).read_text(errors="replace")
+    except OSError:
+        return None
+    parts = text.split()
+    if len(parts) != 4 or parts[0] != "pid" or parts[2] != "on" or not parts[1].isdigit():
+        return None
+    if parts[3] != socket.gethostname():
+        return None
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, as another user's process
+    return True
+
+
 def locked_by(run_dir: Path) -> str | None:
     """The holder's description when another process writes `run_dir` now, else None."""
     lock = RunLock(run_dir)
     if not lock.path.is_file():
         return None
     try:
-        if lock.acquire(wait=False):
+        if lock.acquire(wait=False, record=False):
             lock.release()
             return None
     except OSError:
@@ -151,7 +180,7 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
             bad += 1
             continue
         if isinstance(row, dict) and isinstance(row.get("epoch"), int) \
-                and isinstance(row.get("test_acc"), (int, float)):
+                and not isinstance(row["epoch"], bool) and _number(row.get("test_acc")):
             rows.append(row)
         else:
             bad += 1
@@ -196,19 +225,25 @@ def read_summary(run_dir: Path, expect_hash: str | None = None
     for key in ("final_test_acc", "best_test_acc", "epochs"):
         if not _number(summary.get(key)):
             return None, f"{SUMMARY} lacks a valid {key}"
+    layers = summary.get("layers")
+    if not isinstance(layers, list) or not all(
+            isinstance(row, dict) and isinstance(row.get("name"), str)
+            and _number(row.get("source_density")) for row in layers):
+        return None, f"{SUMMARY} lacks a valid per-layer table (layers)"
     if not isinstance(summary.get("config_hash"), str):
         return None, f"{SUMMARY} lacks its config_hash"
     if expect_hash is not None and summary["config_hash"] != expect_hash:
         return None, f"{SUMMARY} belongs to another config (hash {summary.get('config_hash')})"
-    ticket_problem = ticket_damage(run_dir / TICKET)
+    ticket_problem = ticket_damage(run_dir / TICKET, summary["config_hash"])
     if ticket_problem:
         return None, ticket_problem
     return summary, ""
 
 
-def ticket_damage(path: Path) -> str:
+def ticket_damage(path: Path, expect_hash: str | None = None) -> str:
     """What is wrong with a ticket file ("" when it is intact): missing, unreadable,
-    truncated, or failing its checksum. Cheaper than loading it: no parsing."""
+    truncated, failing its checksum, or (with `expect_hash`) another config's ticket.
+    Cheaper than loading it: the header alone is parsed."""
     from slt.ticket import MAGIC
 
     try:
@@ -221,4 +256,14 @@ def ticket_damage(path: Path) -> str:
         return f"{path.name} is not an slt ticket file"
     if hashlib.sha256(raw[:-32]).digest() != raw[-32:]:
         return f"{path.name} fails its checksum (corrupt or truncated)"
+    if expect_hash is not None:
+        start = len(MAGIC) + 8
+        try:
+            (length,) = struct.unpack("<Q", raw[len(MAGIC):start])
+            header = json.loads(raw[start:start + length].decode("utf-8"))
+            found = header.get("config_hash") if isinstance(header, dict) else None
+        except (ValueError, struct.error):
+            found = None
+        if found != expect_hash:
+            return f"{path.name} is the ticket of another config (hash {found})"
     return ""

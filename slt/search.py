@@ -26,7 +26,7 @@ from slt import ticket as ticket_io
 from slt.capacity import allocation_error, allocation_errors, check_fits
 from slt.config import Config, config_hash, run_id, to_toml
 from slt.data import Batches, Splits, load_data
-from slt.errors import ConfigError, NonFiniteScoreError, SltError, storage_error
+from slt.errors import ConfigError, NonFiniteScoreError, SltError, first_line, storage_error
 from slt.fileio import atomic_torch_save, atomic_write_text
 from slt.network import SltNetwork, build_network
 from slt.rundir import (
@@ -83,11 +83,6 @@ def evaluate(net: SltNetwork, batches: Batches, batch_size: int) -> tuple[float,
         correct += int((out.argmax(1) == y).sum())
         n += y.numel()
     return loss_sum / n, correct / n
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_test_acc", "best_epoch",
@@ -164,7 +159,9 @@ def run_search(
         if summary is not None:  # the writer we waited for finished it
             return _finished_already(run_dir, summary, embed_weights, log, locked=True)
         if problem:
-            log(f"{run_dir}: {problem}; finishing the run again from its checkpoint")
+            again = "from its checkpoint" if (run_dir / CHECKPOINT).exists() else \
+                "from the start (it has no checkpoint)"
+            log(f"{run_dir}: {problem}; finishing the run again {again}")
         clean_temp_files(run_dir)
         (run_dir / ERROR).unlink(missing_ok=True)
         try:
@@ -240,7 +237,7 @@ def _search(cfg: Config, run_dir: Path, splits: Splits, batches: Batches, net: S
             scheduler.load_state_dict(ckpt["scheduler"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise SltError(f"{ckpt_path} does not fit this run's network "
-                           f"({_first_line(exc)}): {fix}") from None
+                           f"({first_line(exc)}): {fix}") from None
         start_epoch, best_acc = ckpt["epoch"], ckpt["best_test_acc"]
         best_epoch, elapsed = ckpt["best_epoch"], ckpt["elapsed"]
         test_loss, test_acc = ckpt.get("test_loss"), ckpt.get("test_acc")

@@ -38,6 +38,7 @@ from slt.config import (
     Config,
     check_alternatives,
     check_key,
+    config_hash,
     from_dict,
     read_toml,
     resolve_config_path,
@@ -47,7 +48,7 @@ from slt.config import (
 )
 from slt.errors import ConfigError, SltError
 from slt.fileio import atomic_write_text
-from slt.rundir import CONFIG, ERROR
+from slt.rundir import CONFIG, ERROR, RunLock, read_summary
 
 THEORY = "theory"
 SWEEP_KEYS = ("base", "set", "axes")
@@ -111,7 +112,12 @@ class Sweep:
     axes: dict[str, list[Any]] = field(default_factory=dict)
 
     def points(self, overrides: dict[str, Any] | None = None) -> list[Point]:
-        """Every grid point in axis order (the last axis varies fastest)."""
+        """Every grid point in axis order (the last axis varies fastest). A command-line
+        override of an axis is an error: the points would claim values they did not use."""
+        for key in overrides or {}:
+            if key in self.axes:
+                raise ConfigError(f"--set {key}: {key} is an axis of {self.path} (values "
+                                  f"{self.axes[key]}); change the axis in the file instead")
         names = list(self.axes)
         out = []
         for combo in itertools.product(*(self.axes[n] for n in names)):
@@ -169,14 +175,18 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
 
 def _write_error(cfg: Config, out_root: Path, message: str, detail: str) -> None:
     """error.json (and config.toml) for a point that failed; best effort: the failure may be
-    the disk itself, and the sweep must go on either way."""
+    the disk itself, and the sweep must go on either way. Under the run's lock: when another
+    process has taken the point meanwhile, its live run is not marked failed."""
     run_dir = out_root / run_id(cfg)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / CONFIG).is_file():
-            atomic_write_text(run_dir / CONFIG, to_toml(cfg))
-        atomic_write_text(run_dir / ERROR,
-                          json.dumps({"error": message, "traceback": detail}, indent=2) + "\n")
+        with RunLock(run_dir) as lock:
+            if not lock.acquire(wait=False):
+                return
+            if not (run_dir / CONFIG).is_file():
+                atomic_write_text(run_dir / CONFIG, to_toml(cfg))
+            atomic_write_text(run_dir / ERROR, json.dumps(
+                {"error": message, "traceback": detail}, indent=2) + "\n")
     except (OSError, SltError):
         pass
 
@@ -222,8 +232,23 @@ class SweepOutcome:
 Runner = Callable[[Config, str], tuple[str, str]]
 
 
-def _serve(conn: Connection, runner: Runner, out_root: str) -> None:
+def _die_with(parent: int) -> None:
+    """Have the kernel send this worker SIGTERM when the sweep process dies (Linux), so a
+    sweep killed outright leaves no orphan training on, holding its point's lock."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: a worker finds out at its next point (EOFError)
+    if os.getppid() != parent:  # the sweep died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _serve(conn: Connection, runner: Runner, out_root: str, parent: int) -> None:
     """A worker process: run the points it is sent, one at a time, until told to stop."""
+    _die_with(parent)
     try:
         while (cfg := conn.recv()) is not None:
             conn.send(runner(cfg, out_root))
@@ -246,7 +271,8 @@ def _death(code: int | None) -> str:
 class _Worker:
     def __init__(self, ctx: Any, runner: Runner, out_root: str) -> None:
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, runner, out_root), daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(child, runner, out_root, os.getpid()),
+                                daemon=True)
         self.proc.start()
         child.close()
         self.point: Point | None = None
@@ -364,12 +390,12 @@ def run_sweep(sweep: Sweep, out_root: str | os.PathLike[str], workers: int = 1,
             bar.update(1)
     finally:  # the record of what happened, Ctrl-C included
         bar.close()
-        _write_manifest(sweep, root, outcome, overrides, time.perf_counter() - t0, log)
+        _write_manifest(sweep, root, outcome, overrides, workers, time.perf_counter() - t0)
     return outcome
 
 
 def _write_manifest(sweep: Sweep, root: Path, outcome: SweepOutcome, overrides: dict[str, Any],
-                    seconds: float, log: Callable[[str], None]) -> None:
+                    workers: int, seconds: float) -> None:
     """sweep-<name>.json in the output folder: the settings used (the file's [set] and the
     command line's --set), every point, its run id and its run's status (points that share
     a run share its status; "not run" after an interruption)."""
@@ -378,16 +404,19 @@ def _write_manifest(sweep: Sweep, root: Path, outcome: SweepOutcome, overrides: 
         status[run_id(p.config)] = {"status": s}  # type: ignore[arg-type]
     for p, e in outcome.failed:
         status[run_id(p.config)] = {"status": "failed", "error": e}  # type: ignore[arg-type]
-    for p in outcome.busy:
-        status[run_id(p.config)] = {"status": "running elsewhere"}  # type: ignore[arg-type]
+    for p in outcome.busy:  # finished by the other process since, or still running there
+        rid = run_id(p.config)  # type: ignore[arg-type]
+        done = read_summary(root / rid, config_hash(p.config))[0]  # type: ignore[arg-type]
+        status[rid] = {"status": "finished elsewhere" if done else "running elsewhere"}
     rows: list[dict[str, Any]] = []
     for p in outcome.points:
         rid = run_id(p.config)  # type: ignore[arg-type]
         rows.append({"values": p.values, "run_id": rid, **status.get(rid, {"status": "not run"})})
     rows += [{"values": p.values, "status": "skipped", "reason": p.skipped}
              for p in outcome.skipped]
-    body = {"sweep": str(sweep.path), "axes": sweep.axes, "set": sweep.fixed,
-            "overrides": overrides, "seconds": seconds, "points": rows}
+    body = {"sweep": str(sweep.path), "base": sweep.base, "axes": sweep.axes,
+            "set": sweep.fixed, "overrides": overrides, "workers": workers, "seconds": seconds,
+            "points": rows}
     path = root / f"sweep-{sweep.path.stem}.json"
     try:
         atomic_write_text(path, json.dumps(body, indent=2, default=str) + "\n")

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 MAGIC = b"SLTTICK1"
 FORMAT_VERSION = 1
+HEADER_KEYS = ("config", "config_hash", "spec", "torch", "weights_sha256", "embedded_weights",
+               "metrics", "densities", "layers", "buffers")
 
 
 @dataclass
@@ -179,6 +181,11 @@ def _parse(body: bytes, path: Path) -> Ticket:
         raise TicketError(f"{path}: the ticket header is not a JSON object")
     if header.get("format") != FORMAT_VERSION:
         raise TicketError(f"{path}: ticket format {header.get('format')} is not supported")
+    missing = [k for k in HEADER_KEYS if k not in header]
+    if missing or not {"shape", "num_classes"} <= set(header["spec"]):
+        raise TicketError(f"{path}: the ticket header lacks "
+                          f"{', '.join(missing) or 'spec.shape or spec.num_classes'}; the file "
+                          "was not written by slt (or by an incompatible version)")
     payload = memoryview(body)[start + head_len:]
 
     def get(span: list[int]) -> bytes:

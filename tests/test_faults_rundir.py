@@ -4,9 +4,11 @@ interrupted writes, sweeps side by side, and a report over damaged runs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ import torch
 
 from slt import config, ticket
 from slt.cli import main
+from slt.report import write_report
 from slt.rundir import RunLock, locked_by
 from slt.search import run_search
 from tests.conftest import REPO, TINY
@@ -187,6 +190,9 @@ def test_kill_9_leaves_no_stale_lock_and_the_run_resumes(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert locked_by(run_dir) is None  # the kernel dropped it with the process
+    report = write_report(out, evaluate_survival=False, log=quiet).read_text()
+    assert "0 running, 1 interrupted" in report  # not taken for a live run
+    assert "interrupted (its process is gone): rerun its search to resume" in report
     lock = RunLock(run_dir)
     assert lock.acquire(wait=False)
     lock.release()
@@ -222,19 +228,29 @@ def write_sweep(folder: Path, axes: str, epochs: int = 2) -> Path:
 
 
 def test_two_sweeps_side_by_side_split_the_grid(tmp_path):
-    path = write_sweep(tmp_path, "run.seed = [0, 1, 2, 3, 4, 5]\n", epochs=6)
+    path = write_sweep(tmp_path, "run.seed = [0, 1, 2, 3, 4, 5]\ndata.train_size = [2048]\n",
+                       epochs=12)
     out = tmp_path / "runs"
-    procs = [slt_proc("sweep", str(path), "--out", str(out), "--no-progress", "--no-report")
-             for _ in range(2)]
-    results = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], results
+    args = ("sweep", str(path), "--out", str(out), "--no-progress", "--no-report")
+    first = slt_proc(*args)
+    deadline = time.time() + 120  # the second starts while the first holds a point
+    while not any(locked_by(p) for p in out.glob("*") if p.is_dir()) and time.time() < deadline:
+        time.sleep(0.05)
+    second = slt_proc(*args)
+    results = [p.communicate(timeout=600) for p in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], results
+    # one of them met a point the other held, and left it to it
+    assert any("being run by another process, left to it" in out_text
+               for out_text, _ in results), results
     record = json.loads((out / "sweep-grid.json").read_text())  # the one that ended last
     assert len(record["points"]) == 6
+    assert {row["status"] for row in record["points"]} <= {"finished", "skipped",
+                                                           "finished elsewhere"}
     runs = [p for p in out.iterdir() if p.is_dir()]
     assert len(runs) == 6
     for run in runs:  # every point ran once: one row per epoch, a summary
         epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-        assert epochs == [1, 2, 3, 4, 5, 6], run
+        assert epochs == list(range(1, 13)), run
         assert (run / "summary.json").is_file()
 
 
@@ -274,17 +290,27 @@ def test_the_report_lists_damaged_runs_and_never_counts_them_running(tmp_path, c
     (runs[6] / "config.toml").unlink()
     with open(runs[7] / "metrics.jsonl", "ab") as fh:  # a damaged line alone is no fault
         fh.write(b"\xff\xfe\n")
+    summary = json.loads((runs[8] / "summary.json").read_text())
+    del summary["layers"]  # parses, has its figures, lacks what the report reads
+    (runs[8] / "summary.json").write_text(json.dumps(summary))
+    # an intact ticket, but another run's: its summary must not vouch for it
+    (runs[9] / "ticket.slt").write_bytes((runs[10] / "ticket.slt").read_bytes())
     capsys.readouterr()
     assert main(["report", str(out), "--no-eval"]) == 0
     terminal = capsys.readouterr().out
     report = (out / "report" / "report.md").read_text()
-    assert "12 run directories: 5 finished, 0 running, 0 failed, 7 unreadable" in report
+    assert "12 run directories: 3 finished, 0 running, 0 failed, 9 unreadable" in report
     assert "## Unreadable run directories" in report and "## Running" not in report
     for run, (_, _, reason) in damage.items():
         assert reason in report and f"unreadable run directory {run}" in terminal
     assert f"| {runs[6].name} | config.toml is missing |" in report
+    assert "summary.json lacks a valid per-layer table (layers)" in report
+    assert "ticket.slt is the ticket of another config" in report
     csv_rows = (out / "report" / "results.csv").read_text().splitlines()
-    assert sum(",unreadable," in row for row in csv_rows) == 7
+    assert sum(",unreadable," in row for row in csv_rows) == 9
+    # the search agrees with the report: neither damaged run counts as finished
+    cfg9 = config.load(runs[9] / "config.toml")
+    assert run_search(cfg9, out, log=quiet).status == "finished"  # rebuilt, not skipped
 
 
 # --- the report and search on read-only copies --------------------------------------------
@@ -298,7 +324,8 @@ def test_report_of_a_copy_it_cannot_write_into_says_where(finished, capsys):
     assert "cannot create the report folder" in line and "File name too long" in line
 
 
-def test_ctrl_c_stops_a_sweep_cleanly_and_it_resumes(tmp_path):
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_a_sweep_cleanly_and_it_resumes(tmp_path, stop):
     path = write_sweep(tmp_path, "run.seed = [0, 1, 2, 3]\n", epochs=30)
     out = tmp_path / "runs"
     args = ("sweep", str(path), "--out", str(out), "--no-progress", "--workers", "2",
@@ -307,10 +334,14 @@ def test_ctrl_c_stops_a_sweep_cleanly_and_it_resumes(tmp_path):
     deadline = time.time() + 180
     while not list(out.glob("*/checkpoint.pt")) and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the sweep and its workers
+    if stop == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the sweep and its workers
+    else:
+        proc.send_signal(signal.SIGTERM)  # SLURM's scancel: the sweep process alone
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
-    assert err.strip().splitlines()[-1] == "slt: interrupted; rerun the same command to resume"
+    assert proc.returncode == (130 if stop == "ctrl-c" else 143)
+    word = "interrupted" if stop == "ctrl-c" else "terminated"
+    assert err.strip().splitlines()[-1] == f"slt: {word}; rerun the same command to resume"
     assert "Traceback" not in err
     record = json.loads((out / "sweep-grid.json").read_text())
     assert {row["status"] for row in record["points"]} <= {"finished", "not run"}
@@ -320,3 +351,46 @@ def test_ctrl_c_stops_a_sweep_cleanly_and_it_resumes(tmp_path):
     for run in (p for p in out.iterdir() if p.is_dir()):
         epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert epochs == list(range(1, 31)), run
+
+
+def test_a_sweep_killed_outright_takes_its_workers_with_it(tmp_path):
+    path = write_sweep(tmp_path, "run.seed = [0, 1]\n", epochs=400)
+    out = tmp_path / "runs"
+    proc = slt_proc("sweep", str(path), "--out", str(out), "--no-progress", "--workers", "2",
+                    "--no-report")
+    deadline = time.time() + 180
+    while len(list(out.glob("*/checkpoint.pt"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    runs = [p for p in out.iterdir() if p.is_dir()]
+    assert len(runs) == 2 and all(locked_by(run) for run in runs)  # both workers train
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.time() + 30  # the kernel tells the orphans (SIGTERM): they stop
+    while any(locked_by(run) for run in runs) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(locked_by(run) for run in runs)
+
+
+def test_a_command_line_override_of_an_axis_is_one_line(tmp_path, capsys):
+    path = write_sweep(tmp_path, "run.seed = [0, 1]\n")
+    out = tmp_path / "runs"
+    assert main(["sweep", str(path), "--out", str(out), "--set", "run.seed=5"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"slt: error: --set run.seed: run.seed is an axis of {path} (values [0, 1]); change "
+        "the axis in the file instead")
+    assert not out.exists()
+
+
+def test_a_ticket_header_without_its_keys_is_one_line(finished, capsys):
+    cfg, out, run_dir, summary = finished
+    raw = (run_dir / "ticket.slt").read_bytes()
+    (length,) = struct.unpack("<Q", raw[8:16])
+    header = json.loads(raw[16:16 + length])
+    del header["densities"]
+    head = json.dumps(header).encode()
+    body = raw[:8] + struct.pack("<Q", len(head)) + head + raw[16 + length:-32]
+    (run_dir / "ticket.slt").write_bytes(body + hashlib.sha256(body).digest())
+    assert main(["eval", str(run_dir / "ticket.slt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"slt: error: {run_dir / 'ticket.slt'}: the ticket header lacks densities; "
+                   "the file was not written by slt (or by an incompatible version)"]

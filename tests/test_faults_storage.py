@@ -185,3 +185,29 @@ def test_a_name_over_the_limit_is_one_line(tmp_path):
     line = one_error_line(proc)
     assert line.startswith(f"slt: error: cannot create the run directory {tmp_path / long_name}")
     assert line.endswith(": File name too long")
+
+
+def test_a_run_another_user_cannot_read_is_listed_not_fatal(tmp_path):
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run slt as an unprivileged user")
+    folder = Path(tempfile.mkdtemp(prefix="slt-perm-"))  # /tmp: reachable by that user
+    try:
+        folder.chmod(0o755)
+        runs, report = folder / "runs", folder / "report"
+        done = [run_search(config.load("quick.toml", [*TINY, f"run.seed={seed}"]), runs,
+                           log=lambda _: None).run_dir for seed in (0, 1)]
+        done[1].chmod(0o700)  # root's alone; the other run is readable by anyone (0644 files)
+        report.mkdir()
+        report.chmod(0o777)
+        proc = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+             str(REPO / "run.py"), "report", str(runs), "--no-eval", "--out", str(report)],
+            capture_output=True, text=True, cwd=REPO, timeout=600,
+            env={**os.environ, "HOME": str(folder)})
+        assert proc.returncode == 0, proc.stderr
+        text = (report / "report.md").read_text()
+        assert "2 run directories: 1 finished, 0 running, 0 failed, 1 unreadable" in text
+        assert f"| {done[1].name} | {done[1] / 'config.toml'}: Permission denied |" in text
+        assert "Permission denied" in proc.stdout
+    finally:
+        shutil.rmtree(folder)

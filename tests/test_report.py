@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import math
+import struct
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,9 @@ def fake_run(root: Path, overrides: list[str], acc: float | None, status: str = 
     run_dir.mkdir(parents=True)
     (run_dir / "config.toml").write_text(to_toml(cfg))
     if status == "finished":
-        body = MAGIC + bytes(8)  # not a usable ticket, but an intact file: the run finished
+        # not a usable ticket, but an intact file of this config: the run finished
+        head = json.dumps({"config_hash": config_hash(cfg)}).encode()
+        body = MAGIC + struct.pack("<Q", len(head)) + head
         (run_dir / "ticket.slt").write_bytes(body + hashlib.sha256(body).digest())
         (run_dir / "summary.json").write_text(json.dumps({
             "config_hash": config_hash(cfg), "final_test_acc": acc, "best_test_acc": acc,
