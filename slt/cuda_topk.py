@@ -136,6 +136,13 @@ def layout_limit(offsets: Sequence[int]) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def layout_fits(offsets: tuple[int, ...]) -> bool:
+    """`layout_limit(offsets) is None`, remembered per layout: the training loop asks on
+    every forward pass with the same few layouts."""
+    return layout_limit(offsets) is None
+
+
 # --- the self-check --------------------------------------------------------------------------
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

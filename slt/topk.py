@@ -101,7 +101,7 @@ def _kernel_or_torch(values: Tensor, offsets: list[int], ks: list[int],
     32-bit counts; the torch path's otherwise (the same mask, by the self-check)."""
     from slt import cuda_topk
 
-    if cuda_topk.layout_limit(offsets) is None:
+    if cuda_topk.layout_fits(tuple(offsets)):
         result = gate.run(values, offsets, ks)
         if result is not None:
             mask, flagged = result
