@@ -276,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SltError as exc:
         print(f"slt: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `slt ... | head`: the reader left; nothing to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as exc:  # a filesystem failure no module turned into a StorageError
         print(f"slt: error: {storage_error(exc)}", file=sys.stderr)
         return 2

@@ -54,6 +54,12 @@ class DataConfig:
     train_size: int = _f(8192, "planted teacher: number of training examples")
     test_size: int = _f(2048, "planted teacher: number of test examples")
     seed: int = _f(0, "planted teacher: seed of the teacher and of its examples")
+    stream: bool = _f(False, "read image files from disk through DataLoader workers instead "
+                      "of holding the dataset in memory (same samples in the same order)")
+    workers: int = _f(2, "DataLoader worker processes when data.stream")
+    train_limit: int = _f(0, "use a class-balanced subset of this many training examples "
+                          "(0: all)")
+    test_limit: int = _f(0, "use a class-balanced subset of this many test examples (0: all)")
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,10 @@ class RunConfig:
     device: str = _f("auto", "auto (cuda when present), cpu or cuda")
     threads: int = _f(0, "CPU threads for torch; 0 leaves torch's default")
     progress: bool = _f(True, "show a progress bar")
+    checkpoint_every: int = _f(0, "also checkpoint every this many steps inside an epoch "
+                               "(0: at the end of each epoch only); resume is exact either way")
+    sync_bn: bool = _f(False, "synchronise BatchNorm batch statistics across processes "
+                       "(data-parallel search)")
 
 
 @dataclass(frozen=True)
@@ -148,7 +158,11 @@ SECTIONS: dict[str, type] = {
 
 # Keys that say where or how a run executes, not what it computes: left out of the run id.
 NOT_HASHED = {("data", "root"), ("data", "download"), ("run", "device"), ("run", "threads"),
+              ("data", "stream"), ("data", "workers"), ("run", "checkpoint_every"),
               ("run", "progress")}
+# Keys added after runs were on disk: hashed only when set away from their default, so that
+# adding them renamed no existing run directory (open_lth's rule, for these keys).
+HASHED_IF_SET = {("data", "train_limit"), ("data", "test_limit"), ("run", "sync_bn")}
 
 
 def _section_dict(section: Any) -> dict[str, Any]:
@@ -534,8 +548,12 @@ def validate(cfg: Config) -> None:
     _check_optimizer(s)
     if s.warmup_epochs > s.epochs:
         raise ConfigError(f"search.warmup_epochs ({s.warmup_epochs}) exceeds search.epochs")
-    if cfg.run.threads < 0:
-        raise ConfigError(f"run.threads must be >= 0, got {cfg.run.threads}")
+    for key, value in (("run.threads", cfg.run.threads), ("data.workers", cfg.data.workers),
+                       ("data.train_limit", cfg.data.train_limit),
+                       ("data.test_limit", cfg.data.test_limit),
+                       ("run.checkpoint_every", cfg.run.checkpoint_every)):
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
 
 
 def _check_optimizer(s: SearchConfig) -> None:
@@ -588,10 +606,15 @@ def dense_source(cfg: Config) -> bool:
     return cfg.source.scheme != "custom" and cfg.source.density >= 1.0
 
 
+def _default(section: str, key: str) -> Any:
+    return next(f.default for f in fields(SECTIONS[section]) if f.name == key)
+
+
 def config_hash(cfg: Config) -> str:
     """Hash of what the run computes (not where it runs): equal configs share a run dir."""
     body = {
-        section: {k: v for k, v in values.items() if (section, k) not in NOT_HASHED}
+        section: {k: v for k, v in values.items() if (section, k) not in NOT_HASHED and not (
+            (section, k) in HASHED_IF_SET and v == _default(section, k))}
         for section, values in cfg.to_dict().items()
     }
     if cfg.data.name == "imagefolder":  # the folder *is* the dataset here

@@ -9,6 +9,7 @@ the same whenever it is run: this is what makes a resumed search exact.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -149,8 +150,32 @@ DATASETS: Registry[Callable[[DataConfig], Splits]] = Registry("dataset")
 
 def load_data(cfg: DataConfig) -> Splits:
     """The dataset `cfg.name`, loaded whole into memory and checked (`check_splits`); a
-    DataError naming the file when it is missing or bad, before anything is written."""
-    return DATASETS.get(cfg.name)(cfg)
+    DataError naming the file when it is missing or bad, before anything is written.
+    `data.train_limit` / `data.test_limit` keep a class-balanced subset (`balanced_subset`)."""
+    splits = DATASETS.get(cfg.name)(cfg)
+    if not (cfg.train_limit or cfg.test_limit):
+        return splits
+    train = balanced_subset(splits.train_y, cfg.train_limit)
+    test = balanced_subset(splits.test_y, cfg.test_limit)
+    return dataclasses.replace(
+        splits, train_x=splits.train_x[train], train_y=splits.train_y[train],
+        test_x=splits.test_x[test], test_y=splits.test_y[test], origin=None)
+
+
+def balanced_subset(labels: Tensor, limit: int) -> Tensor:
+    """Indices of `limit` examples taken class by class in turn, each class in index order:
+    the same subset every time and for every loader (in memory or streamed); all of them
+    when `limit` is 0 or not below the number of examples."""
+    n = len(labels)
+    if limit <= 0 or limit >= n:
+        return torch.arange(n)
+    order = torch.argsort(labels, stable=True)  # by class, index order within a class
+    sorted_labels = labels[order]
+    starts = torch.searchsorted(sorted_labels, sorted_labels, right=False)
+    rank_in_class = torch.arange(n) - starts  # 0 for a class's first example, 1, ...
+    # round robin: every class's first example, then every class's second, ...
+    turn = torch.argsort(rank_in_class * (int(labels.max()) + 1) + sorted_labels, stable=True)
+    return torch.sort(order[turn[:limit]]).values
 
 
 # --- batching ------------------------------------------------------------------------------
@@ -209,28 +234,26 @@ class Batches:
             x = x / 255.0
         return (x - self._mean) / self._std
 
-    def train_epoch(self, epoch: int, batch_size: int,
-                    seed: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """One pass over the training set in the order (and augmentation) of (seed, epoch).
+    def train_epoch(self, epoch: int, batch_size: int, seed: int, start_step: int = 0,
+                    rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        """One pass over the training set in the order (and augmentation) of (seed, epoch),
+        from global batch `start_step` on (a resume inside the epoch).
 
         The draws are made on the CPU and moved, so a CPU and a GPU run see the same order
         and the same crops and flips. The last batch may be smaller; nothing is dropped.
+        With `world` processes, each yields its part (`rank_slice`) of every global batch.
         """
         _check_batch_size(batch_size)
         n = self.n_train
-        g = generator("epoch", seed, epoch)
-        perm = torch.randperm(n, generator=g).to(self.device)
-        if self.augment:
-            span = 2 * PAD + 1
-            dy = torch.randint(span, (n,), generator=g).to(self.device)
-            dx = torch.randint(span, (n,), generator=g).to(self.device)
-            flip = torch.randint(2, (n,), generator=g).bool().to(self.device)
-        for start in range(0, n, batch_size):
-            stop = start + batch_size
-            idx = perm[start:stop]
+        order = epoch_order(n, self.augment, seed, epoch)
+        perm = order.perm.to(self.device)  # moved once: each batch is a gather on the device
+        crops = [t.to(self.device) for t in order.crops]
+        for start in range(start_step * batch_size, n, batch_size):
+            lo, hi = rank_slice(start, min(start + batch_size, n), rank, world)
+            idx = perm[lo:hi]
             x = self.train_x[idx]
             if self.augment:
-                x = crop_flip(x, dy[start:stop], dx[start:stop], flip[start:stop])
+                x = crop_flip(x, *(t[lo:hi] for t in crops))
             yield self.normalise(x), self.train_y[idx]
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -239,6 +262,37 @@ class Batches:
         for start in range(0, self.n_test, batch_size):
             stop = start + batch_size
             yield self.normalise(self.test_x[start:stop]), self.test_y[start:stop]
+
+
+@dataclass(frozen=True)
+class EpochOrder:
+    """The samples of one epoch in order, and their crop offsets and flips (dy, dx, flip)
+    when augmenting: drawn on the CPU from (seed, epoch) alone, so every loader, device,
+    world size and resume sees the same."""
+
+    perm: Tensor
+    crops: tuple[Tensor, ...] = ()
+
+
+def epoch_order(n: int, augment: bool, seed: int, epoch: int) -> EpochOrder:
+    g = generator("epoch", seed, epoch)
+    perm = torch.randperm(n, generator=g)
+    if not augment:
+        return EpochOrder(perm)
+    span = 2 * PAD + 1
+    dy = torch.randint(span, (n,), generator=g)
+    dx = torch.randint(span, (n,), generator=g)
+    flip = torch.randint(2, (n,), generator=g).bool()
+    return EpochOrder(perm, (dy, dx, flip))
+
+
+def rank_slice(start: int, stop: int, rank: int, world: int) -> tuple[int, int]:
+    """Positions [lo, hi) of global batch [start, stop) that process `rank` of `world`
+    takes: consecutive parts differing in size by at most one, the larger first."""
+    size = stop - start
+    base, extra = divmod(size, world)
+    lo = start + rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
 
 
 def _check_batch_size(batch_size: int) -> int:
