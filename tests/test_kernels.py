@@ -61,6 +61,33 @@ def test_kernel_compiles_for_each_gpu_generation(tmp_path) -> None:
     assert out.stat().st_size > 10_000 * len(ARCHS)
 
 
+def test_kernels_read_values_in_16_byte_packs(tmp_path) -> None:
+    """The PTX keeps what the cost model assumes (docs/kernel.md): every kernel that reads the
+    values does so with 16-byte loads, the histogram aggregates equal bins per warp with
+    match.any, and the AT_LEAST write stores mask bytes 4 (fp32) or 8 (fp16/bf16) at a time."""
+    home = cuda_home()
+    if home is None:
+        pytest.skip("no CUDA toolkit (nvcc) on this machine")
+    ptx = tmp_path / "k.ptx"
+    proc = subprocess.run([str(home / "bin" / "nvcc"), "-std=c++17", "-O3", "-arch=sm_90",
+                           "-ptx", str(cuda_topk.kernel_dir() / "segmented_topk.cu"),
+                           "-o", str(ptx)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    bodies = re.split(r"\n\.visible \.entry ", ptx.read_text())[1:]
+    entries = {body.split("(", 1)[0]: body for body in bodies}
+    assert len(entries) == ENTRY_POINTS
+    for dtype, mangled, store in (("fp32", "If", "st.global.u32"),
+                                  ("fp16", "I6__half", "st.global.v2.u32"),
+                                  ("bf16", "I13__nv_bfloat16", "st.global.v2.u32")):
+        for kernel in ("histogram_kernel", "tie_count_kernel", "write_kernel"):
+            body = next(b for name, b in entries.items() if f"{kernel}{mangled}E" in name)
+            assert "ld.global.nc.v4.u32" in body, (kernel, dtype)
+            if kernel == "histogram_kernel":
+                assert "match.any.sync.b32" in body, dtype
+            if kernel == "write_kernel":
+                assert store in body, dtype
+
+
 def test_flags_target_the_device_in_use() -> None:
     assert cuda_topk.nvcc_flags((8, 6)) == [
         "-O3", "-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_86,code=compute_86"]

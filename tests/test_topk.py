@@ -195,3 +195,94 @@ def test_kernel_model_flags_non_finite_in_every_segment() -> None:
         values[position] = float("nan") if position == 3 else float("-inf")
         assert kernel_model.launch(values, [0, 10, 20], ks).error
     assert not kernel_model.launch(torch.ones(20), [0, 10, 20], [0, 10]).error
+
+
+# --- how the kernel reads: 16-byte packs, warp-aggregated counts, grouped flushes ----------
+
+VEC = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["all equal", "few distinct", "random bits",
+                                  "runs across chunks", "denormals and signed zeros"])
+def test_kernel_model_any_alignment_and_grouped_histogram(kind: str, dtype: torch.dtype) -> None:
+    """Whatever the buffer's alignment (a view into a larger tensor may start anywhere), and
+    with histogram blocks of several chunks that cross segments, the masks are the oracle's."""
+    values = ADVERSARIAL[kind](dtype, torch.Generator().manual_seed(14))
+    n = values.numel()
+    sizes = [CHUNK + 3, 0, 1, 2 * CHUNK + 1, n - 3 * CHUNK - 5, 0]
+    offsets = segment_offsets(sizes)
+    for misalign in sorted({0, 1, VEC[dtype] - 1}):
+        for min_blocks in (kernel_model.MIN_HIST_BLOCKS, 2, 1):
+            for ks in ([CHUNK, 0, 1, 5000, 211, 0], [1, 0, 0, CHUNK + 7, 0, 0], [n // 2]):
+                layout = (offsets, ks) if len(ks) == len(sizes) else ([0, n], ks)
+                launch = kernel_model.launch(values, *layout, base_misalign=misalign,
+                                             min_hist_blocks=min_blocks)
+                assert np.array_equal(launch.mask, oracle(values, *layout))
+                # 7 chunks (4 for the global segment): blocks of 2 to 7 chunks below
+                assert (launch.group > 1) == (min_blocks < kernel_model.MIN_HIST_BLOCKS)
+
+
+def test_value_layout_splits_at_16_byte_boundaries() -> None:
+    """Head up to the first 16-byte boundary, whole packs, a tail: every value read once."""
+    c = CHUNK
+    chunks = np.array([[0, 0, 5], [1, 5, 5 + c], [1, 5 + c, 6 + c], [2, 6 + c, 8 + c]])
+    fp32 = kernel_model.value_layout(chunks, 4)
+    # the last two chunks end before their first boundary: all head (mid = tail = end)
+    assert fp32.mid.tolist() == [0, 8, 6 + c, 8 + c]
+    assert fp32.nvec.tolist() == [1, (c - 3) // 4, 0, 0]
+    assert fp32.tail.tolist() == [4, 8 + 4 * ((c - 3) // 4), 6 + c, 8 + c]
+    shifted = kernel_model.value_layout(chunks, 4, base_misalign=3)  # buffer at 12 mod 16 bytes
+    assert shifted.mid.tolist()[:2] == [1, 5]
+    halves = kernel_model.value_layout(chunks, 2, base_misalign=7)
+    assert halves.mid.tolist()[:2] == [1, 9] and halves.vec == 8
+    assert len(halves.index) == 8 + c  # value_layout asserts each is read once
+
+
+def test_kernel_model_atomics_on_equal_values() -> None:
+    """All-equal values: every value falls in one bin in every pass. One shared atomic per
+    warp step instead of one per value (32 x fewer), and one global atomic per block flush,
+    per chunk with one chunk per block, per 4 chunks when a block takes 4."""
+    n = 4 * CHUNK
+    values = torch.full((n,), 0.5)
+    for min_blocks, flushes in ((kernel_model.MIN_HIST_BLOCKS, 4), (1, 1)):
+        launch = model_matches_oracle_with(values, [n], [n // 2], min_hist_blocks=min_blocks)
+        assert launch.mode.tolist() == [kernel_model.NORMAL]
+        assert launch.per_value_atomics == [n] * 3
+        assert launch.shared_atomics == [n // 32] * 3 == launch.matches
+        assert launch.atomic_passes == [n // 32] * 3
+        assert launch.per_value_atomic_passes == [n] * 3
+        assert launch.global_atomics == [flushes] * 3
+        assert launch.per_chunk_flush_atomics == [4] * 3
+
+
+def test_kernel_model_atomics_on_random_values() -> None:
+    """|randn|: the first digit clusters (sign, exponent, 2 mantissa bits) so warps share bins;
+    the second is spread, and grouping 16 chunks per block merges their flushes."""
+    n = 16 * CHUNK
+    values = torch.randn(n, generator=torch.Generator().manual_seed(15)).abs()
+    launch = model_matches_oracle_with(values, [n], [n // 2], min_hist_blocks=1)
+    assert launch.group == 16 and launch.mode.tolist() == [kernel_model.AT_LEAST]
+    assert launch.per_value_atomics[0] == n
+    # pass 1: every warp step matches; its atomic is one pass, not up to ~5 serialised ones
+    assert launch.matches[0] == n // 32 == launch.atomic_passes[0]
+    assert launch.per_value_atomic_passes[0] > 4 * launch.atomic_passes[0]
+    assert launch.shared_atomics[0] < n // 1.8
+    # pass 2: few lanes match the prefix, so almost no MATCH is spent on distinct bins
+    assert launch.matches[1] < launch.per_value_atomics[1] // 100
+    assert all(s <= v for s, v in zip(launch.shared_atomics, launch.per_value_atomics))
+    assert all(a <= b for a, b in zip(launch.atomic_passes, launch.per_value_atomic_passes))
+    assert launch.global_atomics[1] < launch.per_chunk_flush_atomics[1] / 2
+    assert all(g <= c for g, c in zip(launch.global_atomics, launch.per_chunk_flush_atomics))
+    assert launch.packed_writes == 16  # aligned buffer: every chunk stores mask words
+    shifted = kernel_model.launch(values, [0, n], [n // 2], base_misalign=1)
+    assert np.array_equal(shifted.mask, launch.mask) and shifted.packed_writes == 0
+
+
+def model_matches_oracle_with(values: torch.Tensor, sizes: list[int], ks: list[int],
+                              **options) -> kernel_model.Launch:
+    offsets = segment_offsets(sizes)
+    launch = kernel_model.launch(values, offsets, ks, **options)
+    assert not launch.error
+    assert np.array_equal(launch.mask, oracle(values, offsets, ks))
+    return launch
