@@ -34,13 +34,18 @@ def _load(args: argparse.Namespace):  # -> Config
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from slt.platform import Platform
     from slt.search import run_search
 
     cfg = _load(args)
     if args.no_progress:
         import dataclasses
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, progress=False))
-    run_search(cfg, args.out, embed_weights=args.embed_weights)
+    platform = Platform.from_env(cfg.run.device)  # alone, or one rank under torchrun
+    try:
+        run_search(cfg, args.out, embed_weights=args.embed_weights, platform=platform)
+    finally:
+        platform.close()
     return 0
 
 

@@ -9,6 +9,7 @@ ticket an uninterrupted one finds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -29,6 +30,7 @@ from slt.data import Batches, Splits, load_data
 from slt.errors import ConfigError, NonFiniteScoreError, SltError, first_line, storage_error
 from slt.fileio import atomic_torch_save, atomic_write_text
 from slt.network import SltNetwork, build_network
+from slt.platform import Platform, resolve_device
 from slt.rundir import (
     CHECKPOINT,
     CONFIG,
@@ -52,14 +54,6 @@ class SearchResult:
     # (another process writes this run; only with on_busy = "skip")
     status: str
     summary: dict[str, Any] | None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device = 'cuda' but no CUDA device is available")
-    return torch.device(name)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -118,24 +112,42 @@ def run_search(
     out_root: str | Path,
     *,
     stop_after_epochs: int | None = None,
+    stop_after_steps: int | None = None,
     embed_weights: bool = False,
     log: Callable[[str], None] = print,
     on_busy: str = "wait",
+    platform: Platform | None = None,
 ) -> SearchResult:
     """Run (or resume, or skip) the search that `cfg` describes under `out_root`.
 
     One process writes a run directory at a time (its lock). When another holds it,
-    `on_busy = "wait"` waits for it and `"skip"` returns at once with status "busy".
+    `on_busy = "wait"` waits for it and `"skip"` returns at once with status "busy". On a
+    `platform` of several processes (torchrun), rank 0 decides and writes; every rank trains.
+    `stop_after_epochs` / `stop_after_steps` stop early, as an interruption would.
     """
+    platform = platform or Platform.local(resolve_device(cfg.run.device))
+    if not platform.is_main:
+        log = _quiet
+    if cfg.search.batch_size % platform.world:
+        raise ConfigError(f"search.batch_size ({cfg.search.batch_size}) must be a multiple of "
+                          f"the number of processes ({platform.world}): it is the global batch")
     run_dir = Path(out_root) / run_id(cfg)
-    summary, _ = read_summary(run_dir, config_hash(cfg))
-    if summary is not None:
-        return _finished_already(run_dir, summary, embed_weights, log, locked=False)
-    if on_busy == "skip" and (holder := locked_by(run_dir)):
-        log(f"being written by {holder}, skipped: {run_dir}")
+    early = None
+    if platform.is_main:
+        summary, _ = read_summary(run_dir, config_hash(cfg))
+        if summary is not None:
+            early = ("skipped", summary)
+        elif on_busy == "skip" and (holder := locked_by(run_dir)):
+            log(f"being written by {holder}, skipped: {run_dir}")
+            early = ("busy", None)
+    early = platform.broadcast(early)
+    if early is not None:
+        if early[0] == "skipped":
+            return _finished_already(run_dir, early[1], embed_weights and platform.is_main,
+                                     log, locked=False)
         return SearchResult(run_dir, "busy", None)
 
-    device = resolve_device(cfg.run.device)
+    device = platform.device
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     splits = load_data(cfg.data)  # fails before any file is written
@@ -143,20 +155,33 @@ def run_search(
     batches = Batches(splits, device)
     with allocation_errors(cfg, splits.spec):
         net = build_network(cfg, splits.spec).to(device)
+    if not platform.is_main:  # rank 0 holds the lock and prepares the directory
+        status = platform.broadcast(None)
+        if status != "run":
+            return SearchResult(run_dir, status, None)
+        return _search(cfg, run_dir, splits, batches, net, platform, stop_after_epochs,
+                       stop_after_steps, embed_weights, log)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        platform.broadcast("failed")
         raise storage_error(exc, "create the run directory", run_dir) from None
     with RunLock(run_dir) as lock:
-        if not lock.acquire(wait=on_busy == "wait", on_wait=lambda holder: log(
-                f"{run_dir.name} is being written by {holder}: waiting for it to finish")):
+        try:
+            acquired = lock.acquire(wait=on_busy == "wait", on_wait=lambda holder: log(
+                f"{run_dir.name} is being written by {holder}: waiting for it to finish"))
+        except BaseException:
+            platform.broadcast("failed")
+            raise
+        if not acquired:
             log(f"being written by {lock.holder()}, skipped: {run_dir}")
-            return SearchResult(run_dir, "busy", None)
+            return SearchResult(run_dir, platform.broadcast("busy"), None)
         if lock.unsupported:
             log(f"warning: {run_dir} cannot be locked ({lock.unsupported}): nothing stops "
                 "another process from writing this run at the same time")
         summary, problem = read_summary(run_dir, config_hash(cfg))
         if summary is not None:  # the writer we waited for finished it
+            platform.broadcast("skipped")
             return _finished_already(run_dir, summary, embed_weights, log, locked=True)
         if problem:
             again = "from its checkpoint" if (run_dir / CHECKPOINT).exists() else \
@@ -165,14 +190,24 @@ def run_search(
         clean_temp_files(run_dir)
         (run_dir / ERROR).unlink(missing_ok=True)
         try:
-            return _search(cfg, run_dir, splits, batches, net, device, stop_after_epochs,
-                           embed_weights, log)
+            atomic_write_text(run_dir / CONFIG, to_toml(cfg))
+        except BaseException:
+            platform.broadcast("failed")
+            raise
+        platform.broadcast("run")
+        try:
+            return _search(cfg, run_dir, splits, batches, net, platform, stop_after_epochs,
+                           stop_after_steps, embed_weights, log)
         except Exception as exc:  # recorded for `slt report`, then raised
             error = allocation_error(cfg, exc, splits.spec)  # out of memory: one line
             _record_error(cfg, run_dir, error or exc)
             if error is None:
                 raise
             raise error from None
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 def _finished_already(run_dir: Path, summary: dict[str, Any], embed_weights: bool,
@@ -199,137 +234,262 @@ def _record_error(cfg: Config, run_dir: Path, exc: Exception) -> None:
         pass
 
 
-def _search(cfg: Config, run_dir: Path, splits: Splits, batches: Batches, net: SltNetwork,
-            device: torch.device, stop_after_epochs: int | None, embed_weights: bool,
-            log: Callable[[str], None]) -> SearchResult:
-    """The search itself, in a run directory this process holds the lock of."""
-    s = cfg.search
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum,
-                                weight_decay=s.weight_decay, nesterov=s.nesterov)
-    steps_per_epoch = batches.len_train_batches(s.batch_size)
-    total_steps = s.epochs * steps_per_epoch
-    warmup_steps = round(s.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps)
-    )
+@dataclass
+class Progress:
+    """Where a run stands, besides model and optimizer: what a checkpoint records. `step`
+    global batches of epoch `epoch + 1` are done (0: at an epoch's end), with the training
+    totals of that epoch so far (summed over every process)."""
 
-    if device.type == "cuda":  # same ticket on resume needs deterministic convolutions
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    atomic_write_text(run_dir / CONFIG, to_toml(cfg))
-    ckpt_path = run_dir / CHECKPOINT
-    metrics_path = run_dir / METRICS
-    summary_path = run_dir / SUMMARY
-    start_epoch, best_acc, best_epoch, elapsed = 0, -1.0, 0, 0.0
-    # The figures of the state the ticket is taken from: the last epoch's evaluation (kept
-    # in the checkpoint), never a metrics line, which may be missing or damaged.
+    epoch: int = 0
+    step: int = 0
+    best_test_acc: float = -1.0
+    best_epoch: int = 0
+    elapsed: float = 0.0
+    # the last epoch's evaluation: the state the ticket is taken from (never a metrics line,
+    # which may be missing or damaged)
     test_loss: float | None = None
     test_acc: float | None = None
-    ckpt = _load_checkpoint(ckpt_path, device, cfg)
-    if ckpt is not None:
-        fix = f"move {ckpt_path} away (or delete it) to restart this run from scratch"
-        try:
-            net.body.load_state_dict(ckpt["model"])
-            for layer, weight in zip(net.searched_layers, ckpt.get("weights", [])):
-                layer.weight_src = weight.to(device)  # weights a rule has re-randomised
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise SltError(f"{ckpt_path} does not fit this run's network "
-                           f"({first_line(exc)}): {fix}") from None
-        start_epoch, best_acc = ckpt["epoch"], ckpt["best_test_acc"]
-        best_epoch, elapsed = ckpt["best_epoch"], ckpt["elapsed"]
-        test_loss, test_acc = ckpt.get("test_loss"), ckpt.get("test_acc")
-        log(f"resuming {run_dir.name} after epoch {start_epoch}/{s.epochs}")
-    rows, damaged = read_metrics(metrics_path)
-    kept = [r for r in rows if r["epoch"] <= start_epoch]
-    if damaged:
-        log(f"{metrics_path}: dropped {damaged} damaged line{'s' if damaged != 1 else ''}")
-    if [r["epoch"] for r in kept] != list(range(1, start_epoch + 1)):
-        log(f"{metrics_path}: the rows of some of epochs 1..{start_epoch} are missing or "
-            "repeated; kept one row per epoch found (the search itself is unaffected)")
-        kept = sorted({r["epoch"]: r for r in kept}.values(), key=lambda r: r["epoch"])
-    atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    train_loss_sum: float = 0.0
+    train_correct: float = 0.0
+    train_seen: float = 0.0
 
-    done_now = 0
-    scorer, searched = net.scorer, net.searched_layers
-    for epoch in range(start_epoch + 1, s.epochs + 1):
-        t0 = time.perf_counter()
+    @classmethod
+    def of(cls, ckpt: dict[str, Any]) -> Progress:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in ckpt.items() if k in known})
+
+
+class Search:
+    """One run's search in steps (restore, train an epoch, checkpoint, finish), around one
+    checkpoint record; built only once the run directory is this process's to write."""
+
+    def __init__(self, cfg: Config, run_dir: Path, splits: Splits, batches: Batches,
+                 net: SltNetwork, platform: Platform, log: Callable[[str], None]) -> None:
+        self.cfg, self.run_dir, self.splits, self.batches = cfg, run_dir, splits, batches
+        self.net, self.platform, self.log = net, platform, log
+        s = cfg.search
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(self.params, lr=s.lr, momentum=s.momentum,
+                                         weight_decay=s.weight_decay, nesterov=s.nesterov)
+        self.steps_per_epoch = batches.len_train_batches(s.batch_size)
+        total_steps = s.epochs * self.steps_per_epoch
+        warmup_steps = round(s.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, total_steps, warmup_steps))
+        self.progress = Progress()
+        self.scorer_state: dict[str, Any] = {}
+        if platform.device.type == "cuda":  # the same ticket on resume needs this
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+
+    # --- restore --------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Continue from the checkpoint, if any (every rank reads the same one)."""
+        path = self.run_dir / CHECKPOINT
+        ckpt = _load_checkpoint(path, self.platform.device, self.cfg)
+        if ckpt is None:
+            return
+        fix = f"move {path} away (or delete it) to restart this run from scratch"
+        try:
+            self.net.body.load_state_dict(ckpt["model"])
+            for layer, weight in zip(self.net.searched_layers, ckpt.get("weights", [])):
+                layer.weight_src = weight.to(self.platform.device)  # re-randomised weights
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise SltError(f"{path} does not fit this run's network "
+                           f"({first_line(exc)}): {fix}") from None
+        self.progress = Progress.of(ckpt)
+        self.scorer_state = ckpt.get("scorer_state", {})
+        p = self.progress
+        where = f"epoch {p.epoch}/{self.cfg.search.epochs}" + (
+            f" and step {p.step}/{self.steps_per_epoch} of the next" if p.step else "")
+        self.log(f"resuming {self.run_dir.name} after {where}")
+
+    def repair_metrics(self) -> None:
+        """metrics.jsonl with exactly the rows of the epochs the checkpoint holds."""
+        path = self.run_dir / METRICS
+        done = self.progress.epoch
+        rows, damaged = read_metrics(path)
+        kept = [r for r in rows if r["epoch"] <= done]
+        if damaged:
+            self.log(f"{path}: dropped {damaged} damaged line{'s' if damaged != 1 else ''}")
+        if [r["epoch"] for r in kept] != list(range(1, done + 1)):
+            self.log(f"{path}: the rows of some of epochs 1..{done} are missing or repeated; "
+                     "kept one row per epoch found (the search itself is unaffected)")
+            kept = sorted({r["epoch"]: r for r in kept}.values(), key=lambda r: r["epoch"])
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    # --- train ----------------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int, stop_after_steps: int | None) -> bool:
+        """Train epoch `epoch` from the step the progress records, checkpointing every
+        `run.checkpoint_every` steps; False when stopped early (`stop_after_steps`)."""
+        cfg, s, p, net, platform = self.cfg, self.cfg.search, self.progress, self.net, \
+            self.platform
+        scorer, searched = net.scorer, net.searched_layers
+        device = platform.device
+        epoch_start = t0 = time.perf_counter()
+        start = p.step
         scorer.on_epoch_start(EpochContext(epoch, s.epochs, cfg.run.seed, searched, net.budget))
+        if start and self.scorer_state:  # a resume inside the epoch: the rule's draws so far
+            scorer.load_state(self.scorer_state)
         net.train()
         # Running sums stay on the device: no host sync per step (only for the bar's text).
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen = 0
-        bar = tqdm(batches.train_epoch(epoch, s.batch_size, cfg.run.seed), total=steps_per_epoch,
-                   desc=f"epoch {epoch}/{s.epochs}", disable=not cfg.run.progress,
-                   leave=False, dynamic_ncols=True)
-        for step, (x, y) in enumerate(bar):
+        loss_sum = torch.tensor(p.train_loss_sum, dtype=torch.float64, device=device)
+        correct = torch.tensor(p.train_correct, dtype=torch.float64, device=device)
+        seen = p.train_seen
+        every = cfg.run.checkpoint_every
+        batches = self.batches.train_epoch(epoch, s.batch_size, cfg.run.seed, start,
+                                           platform.rank, platform.world)
+        bar = tqdm(batches, total=self.steps_per_epoch, initial=start,
+                   desc=f"epoch {epoch}/{s.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not (cfg.run.progress and platform.is_main))
+        n_train = self.batches.n_train
+        done_here = 0
+        for step, (x, y) in enumerate(bar, start=start):
             try:
                 out = net(x)
             except NonFiniteScoreError as exc:
                 raise SltError(f"epoch {epoch}: {exc}; the search diverged, lower search.lr "
                                f"(now {s.lr})") from None
-            loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
+            if platform.world == 1:
+                loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
+                objective = loss
+            else:  # this rank's share of the global batch's mean loss: the summed
+                # gradients are then those of the mean over the global batch
+                global_n = min(s.batch_size, n_train - step * s.batch_size)
+                loss = F.cross_entropy(out, y, reduction="sum",
+                                       label_smoothing=s.label_smoothing) / global_n
+                objective = loss
             reg = scorer.regulariser(searched)
-            optimizer.zero_grad(set_to_none=True)
-            (loss if reg is None else loss + reg).backward()
-            optimizer.step()
+            if reg is not None:
+                objective = objective + reg / platform.world  # added once over the group
+            self.optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            platform.sum_grads(self.params)
+            self.optimizer.step()
             scorer.after_step(searched)
-            scheduler.step()
-            loss_sum += loss.detach() * y.numel()
+            self.scheduler.step()
+            batch_loss = loss.detach() * (y.numel() if platform.world == 1 else global_n)
+            loss_sum += batch_loss
             correct += (out.argmax(1) == y).sum()
             seen += y.numel()
-            if cfg.run.progress and step % 25 == 0:
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}",
-                                acc=f"{int(correct) / seen:.3f}")
+            done_here += 1
+            if cfg.run.progress and platform.is_main and step % 25 == 0:
+                bar.set_postfix(loss=f"{float(loss_sum) / max(seen, 1):.3f}")
+            last = step + 1 == self.steps_per_epoch
+            if every and (step + 1) % every == 0 and not last:
+                p.elapsed += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                loss_total, correct_total, seen = platform.sum([float(loss_sum), float(correct),
+                                                                seen])
+                # the group's totals, kept once (on rank 0): the epoch's sums stay right
+                keep = platform.is_main
+                loss_sum.fill_(loss_total if keep else 0.0)
+                correct.fill_(correct_total if keep else 0.0)
+                p.step = step + 1
+                p.train_loss_sum, p.train_correct, p.train_seen = loss_total, correct_total, seen
+                seen = seen if keep else 0
+                self.checkpoint(epoch - 1, scorer.state())
+                if stop_after_steps is not None and done_here >= stop_after_steps:
+                    bar.close()
+                    return False
         bar.close()
-        loss_sum, correct = float(loss_sum), int(correct)
-        test_loss, test_acc = evaluate(net, batches, s.eval_batch_size)
-        epoch_time = time.perf_counter() - t0
-        elapsed += epoch_time
-        if test_acc > best_acc:
-            best_acc, best_epoch = test_acc, epoch
-        row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-               "test_loss": test_loss, "test_acc": test_acc,
-               "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time}
-        try:
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-        except OSError as exc:
-            raise storage_error(exc, "write", metrics_path) from None
-        atomic_torch_save(ckpt_path, {
-            "model": net.body.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch, "best_test_acc": best_acc,
-            "best_epoch": best_epoch, "elapsed": elapsed, "config_hash": config_hash(cfg),
-            "test_loss": test_loss, "test_acc": test_acc,
-            **({"weights": [layer.weight_src for layer in searched]}
-               if scorer.stores_weights else {}),
-        })
-        log(f"epoch {epoch}/{s.epochs}  train loss {row['train_loss']:.4f} "
-            f"acc {row['train_acc']:.4f}  test acc {test_acc:.4f}  ({epoch_time:.1f}s)")
-        done_now += 1
-        if stop_after_epochs is not None and done_now >= stop_after_epochs and epoch < s.epochs:
-            return SearchResult(run_dir, "stopped", None)
+        p.elapsed += time.perf_counter() - t0
+        self.finish_epoch(epoch, float(loss_sum), float(correct), seen, epoch_start)
+        return True
 
-    if test_acc is None or test_loss is None:  # a checkpoint of an older slt: evaluate again
-        test_loss, test_acc = evaluate(net, batches, s.eval_batch_size)
-    masks = net.ticket_masks()
-    dens = net.densities(masks)
-    ticket_io.save(run_dir / TICKET, cfg, splits.spec, net, masks,
-                   metrics={"test_acc": test_acc, "test_loss": test_loss},
-                   embed_weights=embed_weights)
-    summary = {
-        "run_id": run_dir.name, "config_hash": config_hash(cfg),
-        "final_test_acc": test_acc, "final_test_loss": test_loss,
-        "best_test_acc": best_acc, "best_epoch": best_epoch, "epochs": s.epochs,
-        "time_s": elapsed, "device": str(device), "torch": torch.__version__,
-        "source_density_target": cfg.source.density, "scheme": cfg.source.scheme,
-        "scope": s.scope, **dens,
-    }
-    atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
-    log(f"done: test acc {test_acc:.4f} (best {best_acc:.4f} at epoch {best_epoch}); "
-        f"source density {dens['source_density']:.4f}, ticket density "
-        f"{dens['ticket_density']:.4f} ({dens['keep']:.4f} of the source) -> {run_dir}")
-    return SearchResult(run_dir, "finished", summary)
+    def finish_epoch(self, epoch: int, loss_sum: float, correct: float, seen: float,
+                     epoch_start: float) -> None:
+        """Evaluate, record the epoch's row, checkpoint at its end."""
+        p, platform = self.progress, self.platform
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = platform.sum([loss_sum, correct, seen])
+        platform.average_buffers(self.net.body)  # one network on every rank from here on
+        p.test_loss, p.test_acc = evaluate(self.net, self.batches,
+                                           self.cfg.search.eval_batch_size)
+        p.elapsed += time.perf_counter() - t0
+        if p.test_acc > p.best_test_acc:
+            p.best_test_acc, p.best_epoch = p.test_acc, epoch
+        row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+               "test_loss": p.test_loss, "test_acc": p.test_acc,
+               "lr": self.optimizer.param_groups[0]["lr"],
+               "epoch_time_s": time.perf_counter() - epoch_start}
+        p.step, p.train_loss_sum, p.train_correct, p.train_seen = 0, 0.0, 0.0, 0.0
+        if platform.is_main:
+            path = self.run_dir / METRICS
+            try:
+                with open(path, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+            except OSError as exc:
+                raise storage_error(exc, "write", path) from None
+        self.checkpoint(epoch, {})
+        self.log(f"epoch {epoch}/{self.cfg.search.epochs}  train loss {row['train_loss']:.4f} "
+                 f"acc {row['train_acc']:.4f}  test acc {p.test_acc:.4f}")
+
+    def checkpoint(self, epochs_done: int, scorer_state: dict[str, Any]) -> None:
+        """The one checkpoint record, written atomically by rank 0; BatchNorm statistics are
+        the group's mean first, so every rank resumes from the same state."""
+        self.platform.average_buffers(self.net.body)
+        self.progress.epoch = epochs_done
+        if not self.platform.is_main:
+            return
+        net = self.net
+        atomic_torch_save(self.run_dir / CHECKPOINT, {
+            "model": net.body.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "config_hash": config_hash(self.cfg),
+            **dataclasses.asdict(self.progress), "scorer_state": scorer_state,
+            **({"weights": [layer.weight_src for layer in net.searched_layers]}
+               if net.scorer.stores_weights else {}),
+        })
+
+    # --- finish ---------------------------------------------------------------------------
+
+    def finish(self, embed_weights: bool) -> SearchResult:
+        """The ticket and summary (rank 0), from the state of the last checkpoint."""
+        p, net, cfg = self.progress, self.net, self.cfg
+        if p.test_acc is None or p.test_loss is None:  # an older slt's checkpoint
+            p.test_loss, p.test_acc = evaluate(net, self.batches, cfg.search.eval_batch_size)
+        if not self.platform.is_main:
+            return SearchResult(self.run_dir, "finished", None)
+        masks = net.ticket_masks()
+        dens = net.densities(masks)
+        ticket_io.save(self.run_dir / TICKET, cfg, self.splits.spec, net, masks,
+                       metrics={"test_acc": p.test_acc, "test_loss": p.test_loss},
+                       embed_weights=embed_weights)
+        summary = {
+            "run_id": self.run_dir.name, "config_hash": config_hash(cfg),
+            "final_test_acc": p.test_acc, "final_test_loss": p.test_loss,
+            "best_test_acc": p.best_test_acc, "best_epoch": p.best_epoch,
+            "epochs": cfg.search.epochs, "time_s": p.elapsed,
+            "device": str(self.platform.device), "world_size": self.platform.world,
+            "torch": torch.__version__, "source_density_target": cfg.source.density,
+            "scheme": cfg.source.scheme, "scope": cfg.search.scope, **dens,
+        }
+        atomic_write_text(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        self.log(f"done: test acc {p.test_acc:.4f} (best {p.best_test_acc:.4f} at epoch "
+                 f"{p.best_epoch}); source density {dens['source_density']:.4f}, ticket "
+                 f"density {dens['ticket_density']:.4f} ({dens['keep']:.4f} of the source) "
+                 f"-> {self.run_dir}")
+        return SearchResult(self.run_dir, "finished", summary)
+
+
+def _search(cfg: Config, run_dir: Path, splits: Splits, batches: Batches, net: SltNetwork,
+            platform: Platform, stop_after_epochs: int | None, stop_after_steps: int | None,
+            embed_weights: bool, log: Callable[[str], None]) -> SearchResult:
+    """The search, in a run directory rank 0 holds the lock of: restore, epochs, finish."""
+    search = Search(cfg, run_dir, splits, batches, net, platform, log)
+    search.restore()
+    if platform.is_main:
+        search.repair_metrics()
+    epochs_now = 0
+    for epoch in range(search.progress.epoch + 1, cfg.search.epochs + 1):
+        if not search.train_epoch(epoch, stop_after_steps):
+            return SearchResult(run_dir, "stopped", None)
+        epochs_now += 1
+        if stop_after_epochs is not None and epochs_now >= stop_after_epochs \
+                and epoch < cfg.search.epochs:
+            return SearchResult(run_dir, "stopped", None)
+    return search.finish(embed_weights)

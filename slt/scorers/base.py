@@ -158,6 +158,14 @@ class Scorer(ABC):
     def after_step(self, layers: Sequence[MaskedLayer]) -> None:  # noqa: B027 (optional hook)
         """Called after every optimiser step (e.g. to project scores onto a range)."""
 
+    def state(self) -> dict[str, Any]:
+        """What the rule has drawn or counted within the current epoch (a generator's state,
+        say), for a checkpoint inside an epoch; `on_epoch_start` rebuilds the rest."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """Restore `state()` after `on_epoch_start` of the epoch it was taken in."""
+
 
 def options_of(cls: type[Scorer], given: dict[str, Any], coerce: Any) -> Any:
     """The rule's Options from a [search.scorer] table; unknown names are config errors."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,6 +58,15 @@ class Bernoulli(Scorer):
         device = ctx.layers[0].scores.device
         self.gen = torch.Generator(device=device).manual_seed(
             derive_seed("bernoulli", ctx.seed, ctx.epoch))
+
+    def state(self) -> dict[str, Any]:
+        """The sampler's position within the epoch: a resume inside it draws what an
+        uninterrupted run draws."""
+        return {} if self.gen is None else {"generator": self.gen.get_state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if self.gen is not None and "generator" in state:
+            self.gen.set_state(state["generator"].cpu())
 
     def masks(self, layers: Sequence[MaskedLayer], budget: Budget, training: bool
               ) -> list[Tensor]:
