@@ -55,7 +55,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from slt import ticket as ticket_io
     from slt.capacity import allocation_errors
     from slt.config import apply_overrides, from_dict
-    from slt.data import Batches, load_data
+    from slt.data import open_batches
     from slt.search import evaluate, resolve_device
 
     ticket = ticket_io.load(args.ticket)
@@ -65,10 +65,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = from_dict(apply_overrides(ticket.config.to_dict(), overrides), str(args.ticket))
     ticket = dataclasses.replace(ticket, config=cfg)
     device = resolve_device(args.device or cfg.run.device)
-    splits = load_data(cfg.data)
-    with allocation_errors(cfg, splits.spec):  # a ticket found on a bigger machine
+    batches = open_batches(cfg.data, device)
+    with allocation_errors(cfg, batches.spec):  # a ticket found on a bigger machine
         net = ticket_io.rebuild(ticket, device)
-        loss, acc = evaluate(net, Batches(splits, device), cfg.search.eval_batch_size)
+        loss, acc = evaluate(net, batches, cfg.search.eval_batch_size)
     dens = ticket.header["densities"]
     recorded = ticket.metrics.get("test_acc")
     print(f"ticket {args.ticket}")

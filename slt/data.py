@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from slt.errors import DataError, first_line
 from slt.registry import Registry
 from slt.seeding import generator
 from slt.spec import DataSpec
+
+if TYPE_CHECKING:
+    from slt.stream import StreamBatches
 
 PAD = 4  # zero padding of the random crop (the CIFAR recipe)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".tif", ".tiff",
@@ -199,22 +202,15 @@ def crop_flip(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, pad: int = PAD) -
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-class Batches:
-    """Batches of one dataset on one device: shuffled (and augmented) train, ordered test."""
+class BatchSource:
+    """What every batch source (held in memory, or streamed by slt.stream) shares: its sizes
+    and its normalisation, so both give bit-identical inputs."""
 
-    def __init__(self, splits: Splits, device: torch.device) -> None:
-        self.splits = splits
-        self.device = torch.device(device)
-        self.augment = splits.augment
-        # Moved once: every epoch after that is gathers on the device.
-        self.train_x = splits.train_x.to(self.device)
-        self.train_y = splits.train_y.to(self.device)
-        self.test_x = splits.test_x.to(self.device)
-        self.test_y = splits.test_y.to(self.device)
-        self._images = splits.train_x.dtype == torch.uint8
-        view = (1, -1, 1, 1) if self.train_x.dim() == 4 else (1, -1)
-        self._mean = torch.tensor(splits.mean, dtype=torch.float32, device=self.device).view(view)
-        self._std = torch.tensor(splits.std, dtype=torch.float32, device=self.device).view(view)
+    train_y: Tensor
+    test_y: Tensor
+    _mean: Tensor
+    _std: Tensor
+    _images: bool = True
 
     @property
     def n_train(self) -> int:
@@ -233,6 +229,30 @@ class Batches:
         if self._images:
             x = x / 255.0
         return (x - self._mean) / self._std
+
+
+class Batches(BatchSource):
+    """Batches of one dataset on one device: shuffled (and augmented) train, ordered test."""
+
+    def __init__(self, splits: Splits, device: torch.device) -> None:
+        self.splits = splits
+        self.device = torch.device(device)
+        self.augment = splits.augment
+        # Moved once: every epoch after that is gathers on the device.
+        self.train_x = splits.train_x.to(self.device)
+        self.train_y = splits.train_y.to(self.device)
+        self.test_x = splits.test_x.to(self.device)
+        self.test_y = splits.test_y.to(self.device)
+        self._images = splits.train_x.dtype == torch.uint8
+        view = (1, -1, 1, 1) if self.train_x.dim() == 4 else (1, -1)
+        self._mean = torch.tensor(splits.mean, dtype=torch.float32, device=self.device).view(view)
+        self._std = torch.tensor(splits.std, dtype=torch.float32, device=self.device).view(view)
+
+    @property
+    def spec(self) -> DataSpec:
+        """The examples' shape and class count (as `StreamBatches.spec`)."""
+        return self.splits.spec
+
 
     def train_epoch(self, epoch: int, batch_size: int, seed: int, start_step: int = 0,
                     rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
@@ -293,6 +313,19 @@ def rank_slice(start: int, stop: int, rank: int, world: int) -> tuple[int, int]:
     base, extra = divmod(size, world)
     lo = start + rank * base + min(rank, extra)
     return lo, lo + base + (1 if rank < extra else 0)
+
+
+def open_batches(cfg: DataConfig, device: torch.device | str, rank: int = 0, world: int = 1
+                 ) -> Batches | StreamBatches:
+    """The batches of dataset `cfg.name`: held on the device (`Batches`) by default, read
+    from its image files by `data.workers` processes (`slt.stream.StreamBatches`) when
+    `data.stream`; either gives the same samples in the same order. A DataError before
+    anything is written when the dataset is missing, bad, or cannot be read that way."""
+    if not cfg.stream:
+        return Batches(load_data(cfg), device)
+    from slt.stream import StreamBatches
+
+    return StreamBatches(cfg, device, rank, world)
 
 
 def _check_batch_size(batch_size: int) -> int:
@@ -584,18 +617,12 @@ def _decode(path: Path, fast: Callable[[bytes], Tensor] | None) -> Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def read_image_tree(folder: Path, classes: Sequence[str] | None = None,
+def list_image_tree(folder: Path, classes: Sequence[str] | None = None,
                     name: str = "imagefolder", empty_classes_ok: bool = False
-                    ) -> tuple[Tensor, Tensor, list[str]]:
-    """Decode `folder/<class>/<image>` into uint8 (N, 3, H, W), int64 labels, class names.
-
-    Classes are the sorted sub-folder names (as torchvision's ImageFolder), or `classes`
-    when given (the train split's, so test labels mean the same). All images must share
-    one size: resizing is a modelling choice this tool does not make silently. A class
-    folder without images is an error unless `empty_classes_ok` (the test split, which
-    may lack a class as it may lack its folder): in training it would be a class that
-    the network never sees, yet counts in its output.
-    """
+                    ) -> tuple[list[Path], Tensor, list[str]]:
+    """The files of `folder/<class>/<image>` and their labels, in class then file-name
+    order, checked (unknown test classes, empty class folders, no images) but not decoded:
+    what `read_image_tree` decodes and what a streamed dataset reads."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"dataset {name}: folder {folder} not found: it should hold "
@@ -614,13 +641,13 @@ def read_image_tree(folder: Path, classes: Sequence[str] | None = None,
     for label, cls in enumerate(classes):
         if not (folder / cls).is_dir():
             continue
-        found_in_class = [f for f in sorted((folder / cls).iterdir())
-                          if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
-                          and f.is_file()]
-        if not found_in_class:
+        in_class = [f for f in sorted((folder / cls).iterdir())
+                    if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
+                    and f.is_file()]
+        if not in_class:
             empty.append(cls)
-        files += found_in_class
-        labels += [label] * len(found_in_class)
+        files += in_class
+        labels += [label] * len(in_class)
     if empty and files and not empty_classes_ok:
         raise DataError(f"dataset {name}: class folder {folder / empty[0]} holds no images "
                         f"({', '.join(IMAGE_EXTENSIONS)})"
@@ -629,6 +656,22 @@ def read_image_tree(folder: Path, classes: Sequence[str] | None = None,
     if not files:
         raise DataError(f"dataset {name}: no images ({', '.join(IMAGE_EXTENSIONS)}) in "
                         f"{folder}/<class>/")
+    return files, torch.tensor(labels, dtype=torch.int64), list(classes)
+
+
+def read_image_tree(folder: Path, classes: Sequence[str] | None = None,
+                    name: str = "imagefolder", empty_classes_ok: bool = False
+                    ) -> tuple[Tensor, Tensor, list[str]]:
+    """Decode `folder/<class>/<image>` into uint8 (N, 3, H, W), int64 labels, class names.
+
+    Classes are the sorted sub-folder names (as torchvision's ImageFolder), or `classes`
+    when given (the train split's, so test labels mean the same). All images must share
+    one size: resizing is a modelling choice this tool does not make silently. A class
+    folder without images is an error unless `empty_classes_ok` (the test split, which
+    may lack a class as it may lack its folder): in training it would be a class that
+    the network never sees, yet counts in its output.
+    """
+    files, labels, classes = list_image_tree(folder, classes, name, empty_classes_ok)
     # A plain loop: decoding holds the GIL, so threads measured slower (on 2 cores), and
     # torchvision's decoder takes ~5 s for CIFAR-10's 60,000 JPEGs, so no cache is kept.
     fast = _torchvision_decoder()
@@ -646,7 +689,7 @@ def read_image_tree(folder: Path, classes: Sequence[str] | None = None,
                     f"{images[0].shape[1]}; resize them all to one size first"
                 )
             images.append(img)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(classes)
+    return torch.stack(images), labels, list(classes)
 
 
 @DATASETS.register("imagefolder")
@@ -661,6 +704,14 @@ def imagefolder(cfg: DataConfig) -> Splits:
     origin = Origin("imagefolder", (_tree_part(root / "train", train_y),),
                     (_tree_part(root / "test", test_y),))
     return _image_splits(cfg, (train_x, train_y), (test_x, test_y), len(classes), origin)
+
+
+@DATASETS.register("imagenet")
+def imagenet(cfg: DataConfig) -> Splits:
+    """ImageNet (`train/<class>/*`, `val/<class>/*`) is read from disk only: its images
+    differ in size and it does not fit in memory (see slt.stream)."""
+    raise DataError("dataset imagenet is streamed from its image files only (its images "
+                    "differ in size and do not fit in memory): set data.stream = true")
 
 
 # --- planted teacher -------------------------------------------------------------------------

@@ -303,7 +303,7 @@ class Evaluator:
         import torch
 
         from slt import ticket as ticket_io
-        from slt.data import Batches, load_data
+        from slt.data import open_batches
         from slt.search import evaluate, resolve_device
 
         cfg = dense_ticket.config
@@ -316,7 +316,7 @@ class Evaluator:
             return None
         try:
             if name not in self._data:
-                self._data[name] = Batches(load_data(cfg.data), device)
+                self._data[name] = open_batches(cfg.data, device)
             net = ticket_io.rebuild(dense_ticket, device)
         except SltError as exc:
             self.failed.add(name)

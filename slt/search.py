@@ -26,7 +26,7 @@ from tqdm import tqdm
 from slt import ticket as ticket_io
 from slt.capacity import allocation_error, allocation_errors, check_fits
 from slt.config import Config, config_hash, run_id, to_toml
-from slt.data import Batches, Splits, load_data
+from slt.data import Batches, open_batches
 from slt.errors import ConfigError, NonFiniteScoreError, SltError, first_line, storage_error
 from slt.fileio import atomic_torch_save, atomic_write_text
 from slt.network import SltNetwork, build_network
@@ -45,6 +45,7 @@ from slt.rundir import (
     read_summary,
 )
 from slt.scorers import EpochContext
+from slt.stream import StreamBatches
 
 
 @dataclass(frozen=True)
@@ -150,16 +151,17 @@ def run_search(
     device = platform.device
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    splits = load_data(cfg.data)  # fails before any file is written
-    check_fits(cfg, splits.spec, device)  # so does a network too large for this machine
-    batches = Batches(splits, device)
-    with allocation_errors(cfg, splits.spec):
-        net = build_network(cfg, splits.spec).to(device)
+    # in memory or streamed from its files; fails before any file is written
+    batches = open_batches(cfg.data, device, platform.rank, platform.world)
+    spec = batches.spec
+    check_fits(cfg, spec, device)  # so does a network too large for this machine
+    with allocation_errors(cfg, spec):
+        net = build_network(cfg, spec).to(device)
     if not platform.is_main:  # rank 0 holds the lock and prepares the directory
         status = platform.broadcast(None)
         if status != "run":
             return SearchResult(run_dir, status, None)
-        return _search(cfg, run_dir, splits, batches, net, platform, stop_after_epochs,
+        return _search(cfg, run_dir, batches, net, platform, stop_after_epochs,
                        stop_after_steps, embed_weights, log)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -196,10 +198,10 @@ def run_search(
             raise
         platform.broadcast("run")
         try:
-            return _search(cfg, run_dir, splits, batches, net, platform, stop_after_epochs,
+            return _search(cfg, run_dir, batches, net, platform, stop_after_epochs,
                            stop_after_steps, embed_weights, log)
         except Exception as exc:  # recorded for `slt report`, then raised
-            error = allocation_error(cfg, exc, splits.spec)  # out of memory: one line
+            error = allocation_error(cfg, exc, spec)  # out of memory: one line
             _record_error(cfg, run_dir, error or exc)
             if error is None:
                 raise
@@ -263,9 +265,9 @@ class Search:
     """One run's search in steps (restore, train an epoch, checkpoint, finish), around one
     checkpoint record; built only once the run directory is this process's to write."""
 
-    def __init__(self, cfg: Config, run_dir: Path, splits: Splits, batches: Batches,
+    def __init__(self, cfg: Config, run_dir: Path, batches: Batches | StreamBatches,
                  net: SltNetwork, platform: Platform, log: Callable[[str], None]) -> None:
-        self.cfg, self.run_dir, self.splits, self.batches = cfg, run_dir, splits, batches
+        self.cfg, self.run_dir, self.batches = cfg, run_dir, batches
         self.net, self.platform, self.log = net, platform, log
         s = cfg.search
         self.params = [p for p in net.parameters() if p.requires_grad]
@@ -456,7 +458,7 @@ class Search:
             return SearchResult(self.run_dir, "finished", None)
         masks = net.ticket_masks()
         dens = net.densities(masks)
-        ticket_io.save(self.run_dir / TICKET, cfg, self.splits.spec, net, masks,
+        ticket_io.save(self.run_dir / TICKET, cfg, self.batches.spec, net, masks,
                        metrics={"test_acc": p.test_acc, "test_loss": p.test_loss},
                        embed_weights=embed_weights)
         summary = {
@@ -476,11 +478,11 @@ class Search:
         return SearchResult(self.run_dir, "finished", summary)
 
 
-def _search(cfg: Config, run_dir: Path, splits: Splits, batches: Batches, net: SltNetwork,
+def _search(cfg: Config, run_dir: Path, batches: Batches | StreamBatches, net: SltNetwork,
             platform: Platform, stop_after_epochs: int | None, stop_after_steps: int | None,
             embed_weights: bool, log: Callable[[str], None]) -> SearchResult:
     """The search, in a run directory rank 0 holds the lock of: restore, epochs, finish."""
-    search = Search(cfg, run_dir, splits, batches, net, platform, log)
+    search = Search(cfg, run_dir, batches, net, platform, log)
     search.restore()
     if platform.is_main:
         search.repair_metrics()

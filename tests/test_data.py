@@ -58,8 +58,8 @@ def write_png(path: Path, pixels: np.ndarray) -> None:
 
 
 def test_registered_datasets() -> None:
-    assert DATASETS.names() == ["cifar10", "cifar100", "fashion_mnist", "imagefolder", "mnist",
-                                "planted_teacher"]
+    assert DATASETS.names() == ["cifar10", "cifar100", "fashion_mnist", "imagefolder",
+                                "imagenet", "mnist", "planted_teacher"]
 
 
 def test_derived_seeds_are_stable_across_versions() -> None:

@@ -150,3 +150,46 @@ def test_a_rank_killed_mid_epoch_takes_the_job_down_and_the_rerun_is_exact(
     a = masks_of(tmp_path / "straight" / config.run_id(cfg))
     b = masks_of(tmp_path / "runs" / config.run_id(cfg))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# --- searches on streamed data -------------------------------------------------------------
+
+
+def folder_overrides(root: Path, stream: bool) -> list[str]:
+    return ["data.name=imagefolder", f"data.root={root}", f"data.stream={str(stream).lower()}",
+            "data.workers=2", "model.name=conv2", "model.width=0.25", "search.epochs=2",
+            "search.batch_size=8", "search.ticket_density=0.25", "source.density=0.5",
+            "run.progress=false", "run.checkpoint_every=2"]
+
+
+def test_a_streamed_search_finds_the_in_memory_ticket_and_resumes_inside_an_epoch(
+        tmp_path) -> None:
+    from tests.test_stream import folder_tree
+
+    root = folder_tree(tmp_path / "images", per_class=10)
+    memory = run_search(config.load("quick.toml", folder_overrides(root, False)),
+                        tmp_path / "memory", log=quiet)
+    cfg = config.load("quick.toml", folder_overrides(root, True))
+    assert config.run_id(cfg) == memory.run_dir.name  # streaming is how, not what
+    stopped = run_search(cfg, tmp_path / "stream", stop_after_steps=1, log=quiet)
+    assert stopped.status == "stopped"
+    streamed = run_search(cfg, tmp_path / "stream", log=quiet)
+    assert all(torch.equal(a, b) for a, b in zip(masks_of(memory.run_dir),
+                                                 masks_of(streamed.run_dir)))
+    assert streamed.summary["final_test_acc"] == memory.summary["final_test_acc"]
+
+
+def test_a_short_search_on_an_imagenet_tree(tmp_path) -> None:
+    from tests.test_stream import imagenet_tree
+
+    root = imagenet_tree(tmp_path / "imagenet")
+    cfg = config.load("quick.toml", [
+        "data.name=imagenet", f"data.root={root}", "data.stream=true", "data.workers=2",
+        "model.name=conv2", "model.width=0.125", "search.epochs=1", "search.batch_size=4",
+        "search.ticket_density=0.25", "source.density=0.5", "run.progress=false"])
+    result = run_search(cfg, tmp_path / "runs", log=quiet)
+    assert result.status == "finished"
+    saved = ticket.load(result.run_dir / "ticket.slt")
+    assert saved.header["spec"] == {"shape": [3, 224, 224], "num_classes": 3}
+    assert 0.0 <= result.summary["final_test_acc"] <= 1.0
+    assert result.summary["n_ticket"] == round(0.25 * result.summary["n_prunable"])

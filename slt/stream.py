@@ -1,0 +1,462 @@
+"""Image datasets streamed from disk through DataLoader workers, batch for batch the same as
+the in-memory path.
+
+`slt.data.Batches` holds a dataset as one tensor on the device; `StreamBatches` reads the
+image files instead, for datasets too large for memory (ImageNet) or images of many sizes.
+It keeps the in-memory path's guarantee that an epoch's batches depend on (seed, epoch)
+alone: the permutation and the crop draws come from `slt.data.epoch_order`, each rank takes
+`slt.data.rank_slice` of every global batch, and ImageNet's random crops come from a
+generator seeded by (seed, epoch, position in the epoch). A batch sampler hands each global
+batch's rank slice to one worker, which decodes and augments it as uint8; the main process
+only moves it to the device and normalises it, with the same operations as `Batches`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from slt.config import DataConfig
+from slt.data import (
+    CIFAR10_CLASSES,
+    BatchSource,
+    _check_batch_size,
+    _decode,
+    _missing,
+    _torchvision_decoder,
+    balanced_subset,
+    crop_flip,
+    data_root,
+    epoch_order,
+    list_image_tree,
+    rank_slice,
+)
+from slt.errors import DataError
+from slt.registry import Registry
+from slt.seeding import generator
+from slt.spec import DataSpec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_SIZE = 224  # side of the square crop the network sees
+IMAGENET_RESIZE = 256  # shorter side before the evaluation centre crop
+IMAGENET_SCALE = (0.08, 1.0)  # area of the random crop, as a fraction of the image
+IMAGENET_RATIO = (3 / 4, 4 / 3)  # aspect ratio (width / height) of the random crop
+PREFETCH = 4  # batches each worker decodes ahead: hides a slow file without much memory
+CHUNK = 256  # files per task of the opening pass (statistics, sizes)
+
+FIXED = "fixed"  # images of one size; CIFAR's pad-4 crop + flip when augmenting 32x32 colour
+IMAGENET = "imagenet"  # images of any size; random-resized crop / resize + centre crop
+
+
+@dataclass(frozen=True, eq=False)
+class ImageFiles:
+    """A dataset as image files: both splits' paths and labels (in `read_image_tree`'s
+    order, so subsets and permutations pick the same images as in memory) and its recipe.
+    `mean` / `std` are None when they must be measured on the training images."""
+
+    name: str
+    train_files: tuple[str, ...]
+    train_y: Tensor
+    test_files: tuple[str, ...]
+    test_y: Tensor
+    classes: tuple[str, ...]
+    recipe: str = FIXED
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+STREAMS: Registry[Callable[[DataConfig], ImageFiles]] = Registry("streamed dataset")
+
+
+
+
+def _tree_files(name: str, train: Path, test: Path, recipe: str = FIXED,
+                expected: Sequence[str] | None = None) -> ImageFiles:
+    train_files, train_y, classes = list_image_tree(train, name=name)
+    if expected is not None and tuple(classes) != tuple(expected):
+        raise DataError(f"dataset {name}: class folders of {train} are {classes}, "
+                        f"expected {list(expected)}")
+    test_files, test_y, _ = list_image_tree(test, classes, name=name, empty_classes_ok=True)
+    stats = (IMAGENET_MEAN, IMAGENET_STD) if recipe == IMAGENET else (None, None)
+    return ImageFiles(name, tuple(map(str, train_files)), train_y, tuple(map(str, test_files)),
+                      test_y, tuple(classes), recipe, *stats)
+
+
+@STREAMS.register("cifar10")
+def cifar10_files(cfg: DataConfig) -> ImageFiles:
+    """CIFAR-10's JPEG tree, when it is what `slt.data.cifar10` reads (no python batches)."""
+    root = data_root(cfg)
+    base, jpg = root / "cifar-10-batches-py", root / "cifar10-jpg"
+    if base.is_dir():
+        raise DataError(f"dataset cifar10 is read from its python batch files in {base}, "
+                        f"which are held in memory: data.stream = true needs the JPEG tree "
+                        f"{jpg}/train and {jpg}/test instead; set data.stream = false")
+    if not (jpg / "train").is_dir():
+        raise _missing("cifar10", [jpg / "train"],
+                       "cifar10-jpg/train and cifar10-jpg/test (streamed)", download=False)
+    return _tree_files("cifar10", jpg / "train", jpg / "test", expected=CIFAR10_CLASSES)
+
+
+@STREAMS.register("imagefolder")
+def imagefolder_files(cfg: DataConfig) -> ImageFiles:
+    """`root/train/<class>/*` and `root/test/<class>/*`, images of one size."""
+    root = data_root(cfg)
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise _missing("imagefolder", [root / "train", root / "test"],
+                       "train/<class>/ and test/<class>/ image folders", download=False)
+    return _tree_files("imagefolder", root / "train", root / "test")
+
+
+def imagenet_root(cfg: DataConfig) -> Path:
+    """data.root itself when it holds train/ and val/, else its imagenet/ folder: the
+    ImageNet folder can be named directly or sit beside the other datasets."""
+    root = data_root(cfg)
+    for place in (root, root / "imagenet"):
+        if (place / "train").is_dir() and (place / "val").is_dir():
+            return place
+    raise _missing("imagenet", [root, root / "imagenet"],
+                   "train/<class>/ and val/<class>/ image folders", download=False)
+
+
+@STREAMS.register("imagenet")
+def imagenet_files(cfg: DataConfig) -> ImageFiles:
+    """ImageNet as `train/<class>/*` and `val/<class>/*` (any sizes); classes = folders."""
+    root = imagenet_root(cfg)
+    return _tree_files("imagenet", root / "train", root / "val", recipe=IMAGENET)
+
+
+# --- what the workers run --------------------------------------------------------------------
+
+
+def _decoder() -> Callable[[Path], Tensor]:
+    """`slt.data._decode` with torchvision's decoder (PIL for what it cannot read); call it
+    inside `_quiet()`."""
+    fast = _torchvision_decoder()
+    return lambda path: _decode(path, fast)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silences torchvision 0.29's deprecation warning of every decode (one per image would
+    flood the log); entered once per batch: entering it costs more than a 32x32 decode."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The image decoding",
+                                category=DeprecationWarning)
+        yield
+
+
+def _size(img: Tensor) -> str:
+    return f"{img.shape[2]}x{img.shape[1]}"
+
+
+def random_resized_box(g: torch.Generator, height: int, width: int,
+                       scale: tuple[float, float] = IMAGENET_SCALE,
+                       ratio: tuple[float, float] = IMAGENET_RATIO) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a crop covering a random fraction `scale` of the image's area at
+    a log-uniform aspect ratio in `ratio`, drawn from `g` only; after ten misses, the
+    largest centred crop with the ratio clamped to `ratio` (the usual ImageNet recipe)."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        u = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u[1])
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(height - h + 1, (1,), generator=g))
+            left = int(torch.randint(width - w + 1, (1,), generator=g))
+            return top, left, h, w
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def imagenet_train_image(img: Tensor, g: torch.Generator) -> Tensor:
+    """Random-resized crop to 224x224 (bilinear, antialiased) and a coin-flip mirror."""
+    from torchvision.transforms.v2 import functional as TF
+
+    flip = bool(torch.randint(2, (1,), generator=g))  # first: its draw never moves
+    top, left, h, w = random_resized_box(g, img.shape[1], img.shape[2])
+    out = TF.resized_crop(img, top, left, h, w, [IMAGENET_SIZE, IMAGENET_SIZE], antialias=True)
+    return out.flip(-1) if flip else out
+
+
+def imagenet_eval_image(img: Tensor) -> Tensor:
+    """Shorter side resized to 256 (bilinear, antialiased), then the centre 224x224."""
+    from torchvision.transforms.v2 import functional as TF
+
+    out = TF.resize(img, [IMAGENET_RESIZE], antialias=True)
+    return TF.center_crop(out, [IMAGENET_SIZE, IMAGENET_SIZE])
+
+
+class _Reader(Dataset):
+    """Decodes whole batches: `__getitems__(positions)` gives uint8 (B, C, H, W) and labels
+    for positions of an epoch (or of the test set), or the message of a DataError (a
+    worker's exception would come back wrapped in a traceback, not as one line)."""
+
+    def __init__(self, name: str, files: Sequence[str], labels: Tensor, shape: tuple[int, ...],
+                 recipe: str, train: bool, perm: Tensor | None = None,
+                 crops: Sequence[Tensor] = (), seed: int = 0, epoch: int = 0) -> None:
+        self.name, self.files, self.labels, self.shape = name, files, labels, shape
+        self.recipe, self.train, self.perm, self.crops = recipe, train, perm, tuple(crops)
+        self.seed, self.epoch = seed, epoch
+        self._decode: Callable[[Path], Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, position: int) -> Any:
+        return self.__getitems__([position])
+
+    def __getitems__(self, positions: list[int]) -> tuple[Tensor, Tensor] | str:
+        if self._decode is None:
+            self._decode = _decoder()
+        pos = torch.tensor(positions, dtype=torch.int64)
+        index = self.perm[pos] if self.perm is not None else pos
+        images = []
+        try:
+            with _quiet():
+                for p, i in zip(positions, index.tolist()):
+                    images.append(self._image(Path(self.files[i]), p))
+        except DataError as exc:
+            return str(exc)
+        x = torch.stack(images) if images else torch.empty((0, *self.shape), dtype=torch.uint8)
+        if self.crops:
+            x = crop_flip(x, *(t[pos] for t in self.crops))
+        return x, self.labels[index]
+
+    def _image(self, path: Path, position: int) -> Tensor:
+        img = self._decode(path)  # type: ignore[misc]
+        if self.recipe == IMAGENET:
+            if self.train:
+                return imagenet_train_image(img, generator("imagenet", self.seed, self.epoch,
+                                                           position))
+            return imagenet_eval_image(img)
+        if tuple(img.shape) != self.shape:
+            raise DataError(f"dataset {self.name}: {path} is {_size(img)}, expected "
+                            f"{self.shape[2]}x{self.shape[1]} as every image of the train "
+                            f"split; make every image one size")
+        return img
+
+
+class _Counter(Dataset):
+    """Decodes a chunk of files for the opening pass: their pixel histogram per channel
+    (C, 256) when counting, after checking every image has `shape`."""
+
+    def __init__(self, name: str, files: Sequence[str], shape: tuple[int, ...], first: str,
+                 count: bool) -> None:
+        self.name, self.files, self.shape, self.first, self.count = name, files, shape, first, count
+        self._decode: Callable[[Path], Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: list[int]) -> Tensor | str:
+        if self._decode is None:
+            self._decode = _decoder()
+        counts = torch.zeros(self.shape[0], 256, dtype=torch.int64)
+        try:
+            with _quiet():
+                for i in indices:
+                    self._add(self._decode(Path(self.files[i])), self.files[i], counts)
+        except DataError as exc:
+            return str(exc)
+        return counts
+
+
+    def _add(self, img: Tensor, path: str, counts: Tensor) -> None:
+        if tuple(img.shape) != self.shape:
+            raise DataError(f"dataset {self.name}: images differ in size: {path} is "
+                            f"{_size(img)}, {self.first} is {self.shape[2]}x{self.shape[1]}; "
+                            f"resize them all to one size first")
+        if self.count:
+            for c in range(self.shape[0]):
+                counts[c] += torch.bincount(img[c].reshape(-1), minlength=256)
+
+
+def _as_is(batch: Any) -> Any:
+    """collate_fn: `__getitems__` already made the batch."""
+    return batch
+
+
+class RankBatches(Sampler[list[int]]):
+    """Positions [lo, hi) of this rank's slice (`rank_slice`) of each global batch of an
+    epoch of `n`, from global batch `start_step` on: skipped batches are never decoded."""
+
+    def __init__(self, n: int, batch_size: int, start_step: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
+        self.n, self.batch_size, self.start_step = n, _check_batch_size(batch_size), start_step
+        self.rank, self.world = rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(self.start_step * self.batch_size, self.n, self.batch_size):
+            lo, hi = rank_slice(start, min(start + self.batch_size, self.n), self.rank,
+                                self.world)
+            yield list(range(lo, hi))
+
+    def __len__(self) -> int:
+        return max(0, math.ceil(self.n / self.batch_size) - self.start_step)
+
+
+def stats_from_counts(counts: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] units from (C, 256) pixel counts: the arithmetic
+    of `slt.data.channel_stats`, step for step, so the values are bit-identical to it."""
+    levels = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for c in range(counts.shape[0]):
+        n = counts[c].double()
+        mean = float((n * levels).sum() / n.sum())
+        var = float((n * (levels - mean) ** 2).sum() / n.sum())
+        means.append(mean)
+        stds.append(math.sqrt(var) if var > 0 else 1.0)
+    return tuple(means), tuple(stds)
+
+
+def _process_group(world: int) -> Any:
+    """torch.distributed when a group of `world` processes is up (else None)."""
+    if world <= 1 or not torch.distributed.is_available():
+        return None
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_world_size() != world:
+        return None
+    return dist
+
+
+# --- the batches -----------------------------------------------------------------------------
+
+
+class StreamBatches(BatchSource):
+    """`slt.data.Batches` for image files: the same attributes and methods, the same
+    samples in the same order with the same crops and flips, read by `data.workers`
+    processes into pinned memory (on CUDA) a few batches ahead."""
+
+    def __init__(self, cfg: DataConfig, device: torch.device | str, rank: int = 0,
+                 world: int = 1) -> None:
+        """Lists the files, then (images of one size) decodes every one once to check its
+        size and measure the training set's mean and std, as the in-memory path does: split
+        over the ranks when a process group of `world` is up, else done by each."""
+        if cfg.name not in STREAMS:
+            raise DataError(f"dataset {cfg.name} is not read from image files, so it cannot "
+                            f"be streamed: set data.stream = false (streamed: "
+                            f"{', '.join(STREAMS.names())})")
+        files = STREAMS.get(cfg.name)(cfg)
+        self.name = files.name
+        self.device = torch.device(device)
+        self.workers = cfg.workers
+        self.recipe = files.recipe
+        self.classes = files.classes
+        started = time.perf_counter()
+        mean, std = files.mean or IMAGENET_MEAN, files.std or IMAGENET_STD
+        shape: tuple[int, ...] = (3, IMAGENET_SIZE, IMAGENET_SIZE)  # what the crops give
+        if files.recipe != IMAGENET:
+            with _quiet():
+                shape = tuple(_decoder()(Path(files.train_files[0])).shape)
+            counts = self._opening_pass(files, shape, rank, world)
+            if files.mean is None or files.std is None:
+                mean, std = stats_from_counts(counts)
+        self.open_seconds = time.perf_counter() - started
+        self.spec = DataSpec(shape, len(files.classes))
+        self.mean, self.std = mean, std
+        self.augment = cfg.augment and (files.recipe == IMAGENET or shape == (3, 32, 32))
+        train, test = files.train_y, files.test_y
+        if cfg.train_limit or cfg.test_limit:  # as load_data: the same balanced subsets
+            keep_train = balanced_subset(train, cfg.train_limit).tolist()
+            keep_test = balanced_subset(test, cfg.test_limit).tolist()
+            self.train_files = tuple(files.train_files[i] for i in keep_train)
+            self.test_files = tuple(files.test_files[i] for i in keep_test)
+            train, test = train[keep_train], test[keep_test]
+        else:
+            self.train_files, self.test_files = files.train_files, files.test_files
+        self.train_y, self.test_y = train, test
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+
+    def _opening_pass(self, files: ImageFiles, shape: tuple[int, ...], rank: int,
+                      world: int) -> Tensor:
+        """(C, 256) pixel counts of the whole training set (before any train_limit, as in
+        memory), checking the size of every image of both splits on the way."""
+        dist = _process_group(world)
+        total = torch.zeros(shape[0], 256, dtype=torch.int64)
+        failure = ""
+        for paths, count in ((files.train_files, True), (files.test_files, False)):
+            chunks = [list(range(i, min(i + CHUNK, len(paths))))
+                      for i in range(0, len(paths), CHUNK)]
+            if dist is not None:
+                chunks = chunks[rank::world]
+            reader = _Counter(files.name, paths, shape, files.train_files[0], count)
+            for out in self._loader(reader, chunks, pin=False):
+                if isinstance(out, str):
+                    failure = failure or out
+                    break
+                total += out
+            if failure:
+                break
+        if dist is not None:  # every rank learns of a bad image, and no rank waits forever
+            flat = torch.cat([total.reshape(-1), torch.tensor([1 if failure else 0])])
+            on = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            flat = flat.to(on)
+            dist.all_reduce(flat)
+            flat = flat.cpu()
+            if flat[-1] and not failure:
+                failure = (f"dataset {files.name}: another process of this search found a "
+                           f"bad image (see its message)")
+            total = flat[:-1].reshape(total.shape)
+        if failure:
+            raise DataError(failure)
+        return total
+
+    def _loader(self, dataset: Dataset, batches: Any, pin: bool | None = None) -> DataLoader:
+        """Workers decode whole batches (one each), `PREFETCH` ahead; pinned for CUDA."""
+        extra: dict[str, Any] = {"prefetch_factor": PREFETCH} if self.workers else {}
+        return DataLoader(dataset, batch_sampler=batches, num_workers=self.workers,
+                          collate_fn=_as_is,
+                          pin_memory=self.device.type == "cuda" if pin is None else pin,
+                          **extra)
+
+
+    def _batches(self, loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
+        for out in loader:
+            if isinstance(out, str):
+                raise DataError(out)
+            x, y = out
+            yield (self.normalise(x.to(self.device, non_blocking=True)),
+                   y.to(self.device, non_blocking=True))
+
+    def train_epoch(self, epoch: int, batch_size: int, seed: int, start_step: int = 0,
+                    rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches of `Batches.train_epoch` for (seed, epoch), read from disk."""
+        _check_batch_size(batch_size)
+        n = self.n_train
+        order = epoch_order(n, self.augment and self.recipe == FIXED, seed, epoch)
+        reader = _Reader(self.name, self.train_files, self.train_y, self.spec.shape,
+                         self.recipe, train=self.augment, perm=order.perm, crops=order.crops,
+                         seed=seed, epoch=epoch)
+        yield from self._batches(self._loader(reader, RankBatches(n, batch_size, start_step,
+                                                                  rank, world)))
+
+    def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The test set in order, normalised, never augmented (every rank reads it all)."""
+        _check_batch_size(batch_size)
+        reader = _Reader(self.name, self.test_files, self.test_y, self.spec.shape,
+                         self.recipe, train=False)
+        yield from self._batches(self._loader(reader, RankBatches(self.n_test, batch_size)))
