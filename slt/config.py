@@ -115,7 +115,13 @@ class RunConfig:
     checkpoint_every: int = _f(0, "also checkpoint every this many steps inside an epoch "
                                "(0: at the end of each epoch only); resume is exact either way")
     sync_bn: bool = _f(False, "synchronise BatchNorm batch statistics across processes "
-                       "(data-parallel search)")
+                       "(data-parallel search; CUDA only)")
+    precision: str = _f("fp32", "fp32, bf16 or fp16: autocast of forward and backward; scores, "
+                        "optimizer state and the top-k stay fp32 (fp16 adds a grad scaler)")
+    channels_last: bool = _f(False, "convolutions in channels-last memory format")
+    compile: bool = _f(False, "torch.compile the forward pass")
+    deterministic: bool = _f(True, "deterministic algorithms (exact resume); false allows "
+                             "cuDNN benchmark mode")
 
 
 @dataclass(frozen=True)
@@ -159,10 +165,12 @@ SECTIONS: dict[str, type] = {
 # Keys that say where or how a run executes, not what it computes: left out of the run id.
 NOT_HASHED = {("data", "root"), ("data", "download"), ("run", "device"), ("run", "threads"),
               ("data", "stream"), ("data", "workers"), ("run", "checkpoint_every"),
+              ("run", "channels_last"), ("run", "compile"),
               ("run", "progress")}
 # Keys added after runs were on disk: hashed only when set away from their default, so that
 # adding them renamed no existing run directory (open_lth's rule, for these keys).
-HASHED_IF_SET = {("data", "train_limit"), ("data", "test_limit"), ("run", "sync_bn")}
+HASHED_IF_SET = {("data", "train_limit"), ("data", "test_limit"), ("run", "sync_bn"),
+                 ("run", "precision"), ("run", "deterministic")}
 
 
 def _section_dict(section: Any) -> dict[str, Any]:
@@ -477,6 +485,7 @@ CHOICES = {
     ("model", "init_scale"): ("none", "source", "ticket"),
     ("search", "scope"): ("layer", "global"),
     ("run", "device"): ("auto", "cpu", "cuda"),
+    ("run", "precision"): ("fp32", "bf16", "fp16"),
 }
 
 

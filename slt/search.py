@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from tqdm import tqdm
 
 from slt import ticket as ticket_io
@@ -129,6 +130,9 @@ def run_search(
     platform = platform or Platform.local(resolve_device(cfg.run.device))
     if not platform.is_main:
         log = _quiet
+    if cfg.run.sync_bn and platform.world > 1 and platform.device.type != "cuda":
+        raise ConfigError("run.sync_bn needs CUDA devices: torch's SyncBatchNorm does not run "
+                          "on the CPU")
     if cfg.search.batch_size % platform.world:
         raise ConfigError(f"search.batch_size ({cfg.search.batch_size}) must be a multiple of "
                           f"the number of processes ({platform.world}): it is the global batch")
@@ -157,6 +161,8 @@ def run_search(
     check_fits(cfg, spec, device)  # so does a network too large for this machine
     with allocation_errors(cfg, spec):
         net = build_network(cfg, spec).to(device)
+    if cfg.run.sync_bn and platform.world > 1:
+        net.body = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net.body)
     if not platform.is_main:  # rank 0 holds the lock and prepares the directory
         status = platform.broadcast(None)
         if status != "run":
@@ -280,9 +286,19 @@ class Search:
             self.optimizer, lambda step: lr_factor(step, total_steps, warmup_steps))
         self.progress = Progress()
         self.scorer_state: dict[str, Any] = {}
-        if platform.device.type == "cuda":  # the same ticket on resume needs this
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
+        run = cfg.run
+        if platform.device.type == "cuda":  # the same ticket on resume needs determinism
+            torch.backends.cudnn.deterministic = run.deterministic
+            torch.backends.cudnn.benchmark = not run.deterministic
+        # Speed modes: they change how the forward and backward run, never what is selected
+        # (scores, their optimizer and the top-k stay fp32; autocast leaves them alone).
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision)
+        self.scaler = torch.amp.GradScaler(platform.device.type,
+                                           enabled=run.precision == "fp16")
+        self.channels_last = run.channels_last and len(batches.spec.shape) == 3
+        if self.channels_last:
+            net.body.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(net) if run.compile else net
 
     # --- restore --------------------------------------------------------------------------
 
@@ -299,6 +315,8 @@ class Search:
                 layer.weight_src = weight.to(self.platform.device)  # re-randomised weights
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
+            if "scaler" in ckpt:
+                self.scaler.load_state_dict(ckpt["scaler"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise SltError(f"{path} does not fit this run's network "
                            f"({first_line(exc)}): {fix}") from None
@@ -351,31 +369,13 @@ class Search:
         n_train = self.batches.n_train
         done_here = 0
         for step, (x, y) in enumerate(bar, start=start):
+            global_n = min(s.batch_size, n_train - step * s.batch_size)
             try:
-                out = net(x)
+                loss, out = self.step(x, y, global_n)
             except NonFiniteScoreError as exc:
-                raise SltError(f"epoch {epoch}: {exc}; the search diverged, lower search.lr "
-                               f"(now {s.lr})") from None
-            if platform.world == 1:
-                loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
-                objective = loss
-            else:  # this rank's share of the global batch's mean loss: the summed
-                # gradients are then those of the mean over the global batch
-                global_n = min(s.batch_size, n_train - step * s.batch_size)
-                loss = F.cross_entropy(out, y, reduction="sum",
-                                       label_smoothing=s.label_smoothing) / global_n
-                objective = loss
-            reg = scorer.regulariser(searched)
-            if reg is not None:
-                objective = objective + reg / platform.world  # added once over the group
-            self.optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            platform.sum_grads(self.params)
-            self.optimizer.step()
-            scorer.after_step(searched)
-            self.scheduler.step()
-            batch_loss = loss.detach() * (y.numel() if platform.world == 1 else global_n)
-            loss_sum += batch_loss
+                raise SltError(f"epoch {epoch}: {exc}; the search diverged, lower "
+                               f"search.lr (now {s.lr})") from None
+            loss_sum += loss.detach() * (y.numel() if platform.world == 1 else global_n)
             correct += (out.argmax(1) == y).sum()
             seen += y.numel()
             done_here += 1
@@ -402,6 +402,34 @@ class Search:
         p.elapsed += time.perf_counter() - t0
         self.finish_epoch(epoch, float(loss_sum), float(correct), seen, epoch_start)
         return True
+
+    def step(self, x: Tensor, y: Tensor, global_n: int) -> tuple[Tensor, Tensor]:
+        """One optimisation step on this process's part of a global batch of `global_n`
+        examples, in the run's speed modes; (loss, logits). `slt bench search` times it."""
+        s, platform, net = self.cfg.search, self.platform, self.net
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(platform.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            out = self.forward(x)
+            if platform.world == 1:
+                loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
+            else:  # this rank's share of the global batch's mean loss: the summed
+                # gradients are then those of the mean over the global batch
+                loss = F.cross_entropy(out, y, reduction="sum",
+                                       label_smoothing=s.label_smoothing) / global_n
+        objective = loss
+        reg = net.scorer.regulariser(net.searched_layers)
+        if reg is not None:
+            objective = objective + reg / platform.world  # added once over the group
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(objective).backward()
+        platform.sum_grads(self.params)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        net.scorer.after_step(net.searched_layers)
+        self.scheduler.step()
+        return loss, out
 
     def finish_epoch(self, epoch: int, loss_sum: float, correct: float, seen: float,
                      epoch_start: float) -> None:
@@ -442,6 +470,7 @@ class Search:
         atomic_torch_save(self.run_dir / CHECKPOINT, {
             "model": net.body.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "config_hash": config_hash(self.cfg),
+            **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
             **dataclasses.asdict(self.progress), "scorer_state": scorer_state,
             **({"weights": [layer.weight_src for layer in net.searched_layers]}
                if net.scorer.stores_weights else {}),
