@@ -126,6 +126,26 @@ def cmd_bench_topk(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_search(args: argparse.Namespace) -> int:
+    import torch
+
+    from slt.bench_search import default_modes, run_search_bench
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SltError("--device cuda, but torch sees no CUDA device")
+    for name, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                               ("--block", args.block, 1), ("--batch", args.batch, 1)):
+        if value < least:
+            raise SltError(f"{name} must be at least {least}, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise SltError(f"--threads must be at least 1, got {args.threads}")
+    run_search_bench(args.model, args.input, args.modes or default_modes(device), args.batch,
+                     args.keep, args.source_density, args.steps, args.warmup, args.block,
+                     device, args.json, args.overrides, args.threads)
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from slt.config import check_alternatives, check_key, parse_override
     from slt.sweep import load_sweep, run_sweep
@@ -256,6 +276,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=15, help="timed repetitions (median)")
     b.add_argument("--json", help="also write the rows to this JSON file")
     b.set_defaults(func=cmd_bench_topk)
+    b = bsub.add_parser("search", help="training throughput of a search step against dense "
+                        "training of the same architecture, per speed mode")
+    b.add_argument("--model", nargs="+", default=["conv4", "resnet18"],
+                   help="models from slt's registry (e.g. mlp, conv4, resnet18)")
+    b.add_argument("--input", nargs="+", default=["32"],
+                   help="input size: S for 3xSxS images, SxC for C channels (e.g. 28x1)")
+    b.add_argument("--batch", type=int, default=128, help="batch size (default: 128)")
+    b.add_argument("--modes", nargs="+", help="speed modes: fp32, bf16 or fp16, then +flags "
+                   "channels_last (cl), compile, nondet; e.g. bf16+channels_last+compile "
+                   "(default: fp32 bf16 on the CPU; fp32 bf16 bf16+channels_last on CUDA)")
+    b.add_argument("--keep", type=float, default=0.5,
+                   help="fraction of source edges the ticket keeps (default: 0.5)")
+    b.add_argument("--source-density", type=float, default=1.0,
+                   help="source density (default: 1.0, a dense source, as edge-popup)")
+    b.add_argument("--steps", type=int, default=10, help="timed steps per side (median)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    b.add_argument("--block", type=int, default=1,
+                   help="steps per side before the other side takes its turn")
+    b.add_argument("--device", choices=["cpu", "cuda"],
+                   help="default: cuda when torch sees one, else cpu")
+    b.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: the cores this process may use)")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="other config keys, e.g. --set model.width=0.5 --set search.scope=global")
+    b.add_argument("--json", help="also write the rows to this JSON file")
+    b.set_defaults(func=cmd_bench_search)
     return parser
 
 
