@@ -250,8 +250,13 @@ def parse_value(text: str) -> Any:
 # --- building a config -------------------------------------------------------------------
 
 
-def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
-    """Build a validated Config from nested dicts (TOML tables)."""
+def from_dict(raw: dict[str, Any], origin: str = "config", check_names: bool = True) -> Config:
+    """Build a validated Config from nested dicts (TOML tables).
+
+    With `check_names` (what a command about to run needs), names are looked up in the
+    registries (dataset, model, init, scheme, scoring rule) and the rule's options and
+    declared settings are filled in. Without, only the config itself is checked: what
+    reading a run's own, fully resolved config.toml needs, with no plug-in installed."""
     sections: dict[str, Any] = {}
     for name, body in raw.items():
         if name not in SECTIONS:
@@ -268,7 +273,8 @@ def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
         known = [f.name for f in fields(cls)]
         if name == "search":
             body = _scorer_table(body, origin)
-            body = {**_rule_filled(body), **body}
+            if check_names:
+                body = {**_rule_filled(body), **body}
         kwargs = {}
         for key, value in body.items():
             if key not in known:
@@ -286,7 +292,9 @@ def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
         cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, keep=0.5))
     if not cfg.data.root:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=default_data_root()))
-    validate(cfg)
+    validate(cfg, check_names)
+    if not check_names:
+        return cfg
     # The rule's options as validated, every field filled in: one computation, one run id
     # (lam = 0 and lam = 0.0, or a default given or left out).
     from slt.scorers import scorer_options
@@ -494,11 +502,22 @@ def _check_density(key: str, value: float) -> None:
         raise ConfigError(f"{key} must be in (0, 1], got {value}")
 
 
-def validate(cfg: Config) -> None:
-    """Raise ConfigError for the first impossible value; registries name unknown names."""
+def _check_names(cfg: Config) -> None:
+    """Every name the config gives is registered (one did-you-mean line otherwise)."""
     # Imports here: the registries live with the code they register, which imports config.
     from slt import data, models, scorers, source
 
+    data.DATASETS.get(cfg.data.name)
+    models.MODELS.get(cfg.model.name)
+    source.INITS.get(cfg.model.init)
+    scorers.scorer_options(cfg.search.scorer, dict(cfg.search.scorer_options))
+    if cfg.source.scheme != "custom":
+        source.SCHEMES.get(cfg.source.scheme)
+
+
+def validate(cfg: Config, check_names: bool = True) -> None:
+    """Raise ConfigError for the first impossible value; with `check_names`, the registries
+    name unknown names."""
     for section in SECTIONS:
         for key, value in _section_dict(getattr(cfg, section)).items():
             values = value if isinstance(value, list) else [value]
@@ -512,13 +531,9 @@ def validate(cfg: Config) -> None:
                 f"{section}.{key} must be one of {', '.join(allowed)}, got '{value}'"
                 f"{did_you_mean(str(value), list(allowed))}"
             )
-    data.DATASETS.get(cfg.data.name)
-    models.MODELS.get(cfg.model.name)
-    source.INITS.get(cfg.model.init)
-    scorers.scorer_options(cfg.search.scorer, dict(cfg.search.scorer_options))
-    if cfg.source.scheme != "custom":
-        source.SCHEMES.get(cfg.source.scheme)
-    elif not cfg.source.layer_densities:
+    if check_names:
+        _check_names(cfg)
+    if cfg.source.scheme == "custom" and not cfg.source.layer_densities:
         raise ConfigError("source.scheme = 'custom' needs source.layer_densities")
     if cfg.source.scheme == "custom" and cfg.search.ticket_density is not None:
         raise ConfigError("source.scheme = 'custom' sets its own density: give search.keep "

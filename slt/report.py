@@ -117,9 +117,9 @@ def load_run(path: Path) -> Run | Unreadable | None:
 def _load_run(path: Path) -> Run | Unreadable:
     if not (path / CONFIG).is_file():
         return Unreadable(path, f"{CONFIG} is missing")
-    try:
-        cfg = from_dict(read_toml(path / CONFIG), str(path / CONFIG))
-    except SltError as exc:  # damaged, or made with a scorer plug-in not installed here
+    try:  # the run's own resolved config: readable without the plug-ins it names
+        cfg = from_dict(read_toml(path / CONFIG), str(path / CONFIG), check_names=False)
+    except SltError as exc:  # damaged
         return Unreadable(path, str(exc))
     except UnicodeDecodeError as exc:
         return Unreadable(path, f"{CONFIG} is not UTF-8 text ({exc.reason})")

@@ -16,8 +16,9 @@ import torch
 from slt import ticket
 from slt.analysis import fmt_pct, jaccard, mean_std, surviving, surviving_fraction
 from slt.cli import main
-from slt.config import config_hash, from_dict, load, run_id, to_toml
+from slt.config import config_hash, from_dict, load, read_toml, run_id, to_toml
 from slt.data import Batches, load_data
+from slt.errors import SltError
 from slt.report import load_runs, write_report
 from slt.search import evaluate
 from slt.sweep import load_sweep, run_sweep
@@ -253,3 +254,25 @@ def test_without_matplotlib_tables_only(tmp_path, monkeypatch) -> None:
                      "no plots"]
     assert "| all runs | 90.00 | 80.00 |" in text and ".png" not in text
     assert not list((runs / "report").glob("*.png"))
+
+
+def test_a_run_of_a_rule_not_installed_here_is_still_reported(tmp_path) -> None:
+    """Reading a run needs only its own resolved config, not the plug-ins it names."""
+    runs = tmp_path / "runs"
+    run_dir = fake_run(runs, ["source.density=0.5"], 0.8)
+    raw = read_toml(run_dir / "config.toml")
+    raw["search"]["scorer"] = {"name": "someones-rule", "temperature": 2.0}
+    cfg = from_dict(raw, check_names=False)
+    with pytest.raises(SltError, match="someones-rule"):
+        from_dict(raw)  # about to run it: the name must be registered
+    moved = runs / run_id(cfg)
+    run_dir.rename(moved)
+    (moved / "config.toml").write_text(to_toml(cfg))
+    summary = json.loads((moved / "summary.json").read_text())
+    (moved / "summary.json").write_text(json.dumps({**summary, "config_hash": config_hash(cfg)}))
+    head = json.dumps({"config_hash": config_hash(cfg)}).encode()
+    body = MAGIC + struct.pack("<Q", len(head)) + head
+    (moved / "ticket.slt").write_bytes(body + hashlib.sha256(body).digest())
+    text = write_report(runs, evaluate_survival=False, log=lambda _: None).read_text()
+    assert "1 run directories: 1 finished" in text
+    assert "search.scorer=someones-rule(temperature=2.0)" in text
