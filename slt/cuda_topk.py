@@ -256,6 +256,7 @@ class KernelGate:
         self.reference = reference
         self.disabled: str | None = None  # why the kernel is off, once it is
         self.verified: dict[torch.device, KernelFn] = {}
+        self._pending: Tensor | None = None  # deferred non-finite flags, on the device
         self._lock = threading.RLock()
 
     def kernel(self, device: torch.device) -> KernelFn | None:
@@ -277,19 +278,34 @@ class KernelGate:
             self.verified[device] = kernel
             return kernel
 
-    def run(self, values: Tensor, offsets: list[int], ks: list[int]) -> tuple[Tensor, bool] | None:
-        """(mask, non-finite flag) from the verified kernel, or None: use the torch path."""
+    def run(self, values: Tensor, offsets: list[int], ks: list[int], defer: bool = False
+            ) -> tuple[Tensor, bool | None] | None:
+        """(mask, non-finite flag) from the verified kernel, or None: use the torch path.
+        With `defer`, the flag is not read (reading it waits for the GPU): it is kept on the
+        device until `take_pending`, and the flag returned is None."""
         kernel = self.kernel(values.device)
         if kernel is None:
             return None
         try:
             mask, error = kernel(values, offsets, ks)
+            if defer:
+                with self._lock:
+                    self._pending = error if self._pending is None else \
+                        torch.maximum(self._pending, error)
+                return mask, None
             return mask, bool(error.item())
         except torch.OutOfMemoryError:
             raise  # not the kernel's fault; the torch path would not fit either
         except RuntimeError as exc:
             self.disable(f"failed on launch ({_last_line(exc)})")
             return None
+
+    def take_pending(self) -> bool:
+        """Whether a deferred launch flagged a non-finite value since the last call: one
+        read of the device, made when the caller chooses (before a checkpoint, say)."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return pending is not None and bool(pending.max().item())
 
     def disable(self, reason: str) -> None:
         """Turn the kernel off for this process; the first reason is logged, once."""

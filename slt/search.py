@@ -14,7 +14,8 @@ import json
 import math
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from slt import ticket as ticket_io
+from slt import topk
 from slt.capacity import allocation_error, allocation_errors, check_fits
 from slt.config import Config, config_hash, run_id, to_toml
 from slt.data import Batches, open_batches
@@ -267,6 +269,10 @@ class Progress:
         return cls(**{k: v for k, v in ckpt.items() if k in known})
 
 
+# Steps between reads of the kernel's deferred non-finite flag (and at every checkpoint).
+CHECK_EVERY = 100
+
+
 class Search:
     """One run's search in steps (restore, train an epoch, checkpoint, finish), around one
     checkpoint record; built only once the run directory is this process's to write."""
@@ -368,40 +374,60 @@ class Search:
                    disable=not (cfg.run.progress and platform.is_main))
         n_train = self.batches.n_train
         done_here = 0
-        for step, (x, y) in enumerate(bar, start=start):
-            global_n = min(s.batch_size, n_train - step * s.batch_size)
-            try:
-                loss, out = self.step(x, y, global_n)
-            except NonFiniteScoreError as exc:
-                raise SltError(f"epoch {epoch}: {exc}; the search diverged, lower "
-                               f"search.lr (now {s.lr})") from None
-            loss_sum += loss.detach() * (y.numel() if platform.world == 1 else global_n)
-            correct += (out.argmax(1) == y).sum()
-            seen += y.numel()
-            done_here += 1
-            if cfg.run.progress and platform.is_main and step % 25 == 0:
-                bar.set_postfix(loss=f"{float(loss_sum) / max(seen, 1):.3f}")
-            last = step + 1 == self.steps_per_epoch
-            if every and (step + 1) % every == 0 and not last:
-                p.elapsed += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                loss_total, correct_total, seen = platform.sum([float(loss_sum), float(correct),
-                                                                seen])
-                # the group's totals, kept once (on rank 0): the epoch's sums stay right
-                keep = platform.is_main
-                loss_sum.fill_(loss_total if keep else 0.0)
-                correct.fill_(correct_total if keep else 0.0)
-                p.step = step + 1
-                p.train_loss_sum, p.train_correct, p.train_seen = loss_total, correct_total, seen
-                seen = seen if keep else 0
-                self.checkpoint(epoch - 1, scorer.state())
-                if stop_after_steps is not None and done_here >= stop_after_steps:
-                    bar.close()
-                    return False
+        with topk.deferred_checks():  # no wait for the GPU each step to read the kernel's flag
+            for step, (x, y) in enumerate(bar, start=start):
+                global_n = min(s.batch_size, n_train - step * s.batch_size)
+                with self.diverged(epoch):
+                    loss, out = self.step(x, y, global_n)
+                    if step % CHECK_EVERY == CHECK_EVERY - 1:
+                        topk.check_deferred()
+                loss_sum += loss.detach() * (y.numel() if platform.world == 1 else global_n)
+                correct += (out.argmax(1) == y).sum()
+                seen += y.numel()
+                done_here += 1
+                if cfg.run.progress and platform.is_main and step % 25 == 0:
+                    bar.set_postfix(loss=f"{float(loss_sum) / max(seen, 1):.3f}")
+                last = step + 1 == self.steps_per_epoch
+                if every and (step + 1) % every == 0 and not last:
+                    p.elapsed += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    seen = self.checkpoint_inside(epoch, step + 1, loss_sum, correct, seen)
+                    if stop_after_steps is not None and done_here >= stop_after_steps:
+                        bar.close()
+                        return False
         bar.close()
+        with self.diverged(epoch):
+            topk.check_deferred()
         p.elapsed += time.perf_counter() - t0
         self.finish_epoch(epoch, float(loss_sum), float(correct), seen, epoch_start)
         return True
+
+    def checkpoint_inside(self, epoch: int, steps_done: int, loss_sum: Tensor,
+                          correct: Tensor, seen: float) -> float:
+        """Checkpoint after `steps_done` global batches of `epoch`, with the group's training
+        totals so far; they are kept once from here on (on rank 0), so the epoch's sums stay
+        right. Returns this process's new count of examples seen."""
+        p, platform = self.progress, self.platform
+        with self.diverged(epoch):
+            topk.check_deferred()  # nothing non-finite is ever written
+        loss_total, correct_total, seen_total = platform.sum([float(loss_sum), float(correct),
+                                                              seen])
+        keep = platform.is_main
+        loss_sum.fill_(loss_total if keep else 0.0)
+        correct.fill_(correct_total if keep else 0.0)
+        p.step = steps_done
+        p.train_loss_sum, p.train_correct, p.train_seen = loss_total, correct_total, seen_total
+        self.checkpoint(epoch - 1, self.net.scorer.state())
+        return seen_total if keep else 0
+
+    @contextmanager
+    def diverged(self, epoch: int) -> Iterator[None]:
+        """A non-finite score as the one line it is: the search diverged."""
+        try:
+            yield
+        except NonFiniteScoreError as exc:
+            raise SltError(f"epoch {epoch}: {exc}; the search diverged, lower search.lr "
+                           f"(now {self.cfg.search.lr})") from None
 
     def step(self, x: Tensor, y: Tensor, global_n: int) -> tuple[Tensor, Tensor]:
         """One optimisation step on this process's part of a global batch of `global_n`

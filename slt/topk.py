@@ -14,8 +14,10 @@ equal to the threshold resolve ties by index.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import torch
@@ -121,7 +123,7 @@ def _kernel_or_torch(values: Tensor, offsets: list[int], ks: list[int],
     from slt import cuda_topk
 
     if cuda_topk.layout_fits(tuple(offsets)):
-        result = gate.run(values, offsets, ks)
+        result = gate.run(values, offsets, ks, defer=_DEFERRED.get())
         if result is not None:
             mask, flagged = result
             if not flagged:
@@ -130,6 +132,34 @@ def _kernel_or_torch(values: Tensor, offsets: list[int], ks: list[int],
             # every value is finite, so the flag was wrong: trust the kernel no more
             gate.disable("flagged finite values as non-finite")
     return _torch_segmented(values, offsets, ks)
+
+
+_DEFERRED: ContextVar[bool] = ContextVar("slt_topk_deferred", default=False)
+
+
+@contextmanager
+def deferred_checks() -> Iterator[None]:
+    """Within, the CUDA kernel's non-finite flag is kept on the device instead of being read
+    after every call (a read that makes the host wait for the GPU on every step); the
+    search loop calls `check_deferred` before anything is written. The torch path checks
+    at once, as always."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
+def check_deferred(gate: KernelGate | None = None) -> None:
+    """NonFiniteScoreError when a call under `deferred_checks` met a NaN or infinite score
+    since the last check."""
+    if gate is None:
+        from slt.cuda_topk import GATE
+
+        gate = GATE
+    if gate.take_pending():
+        raise NonFiniteScoreError("a score became NaN or infinite since the last check "
+                                  "(flagged on the GPU by the top-k kernel)")
 
 
 @torch.library.custom_op("slt::segmented_topk_mask", mutates_args=())

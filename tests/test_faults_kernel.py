@@ -14,7 +14,13 @@ from torch import Tensor
 from slt import cuda_topk
 from slt.cuda_topk import KernelGate, check_kernel, layout_limit
 from slt.errors import NonFiniteScoreError
-from slt.topk import _kernel_or_torch, _select, _torch_segmented
+from slt.topk import (
+    _kernel_or_torch,
+    _select,
+    _torch_segmented,
+    check_deferred,
+    deferred_checks,
+)
 from tests import kernel_model
 
 CPU = torch.device("cpu")
@@ -305,3 +311,61 @@ def test_layouts_past_the_limits_take_the_torch_path(monkeypatch) -> None:
     assert kernel.calls == calls
     _kernel_or_torch(values, [0, 60, 120, 160], [50, 30, 3], gate)  # every segment fits
     assert kernel.calls == calls + 1
+
+
+# --- the non-finite flag, read when the search loop chooses ---------------------------------
+
+
+class NoWait:
+    """A device flag whose read would make the host wait: reading it per call fails."""
+
+    def __init__(self, value: int) -> None:
+        self.value = torch.tensor([value], dtype=torch.int32)
+
+    def item(self) -> int:
+        raise AssertionError("the flag was read right after the launch")
+
+    def max(self) -> Tensor:
+        return self.value.max()
+
+
+def test_under_deferred_checks_the_flag_is_read_only_when_asked() -> None:
+    def flagging(values: Tensor, offsets: list[int], ks: list[int]):
+        mask, error = CORRECT(values, offsets, ks)
+        return mask, NoWait(1 if bool(torch.isnan(values).any()) else 0)
+
+    values, offsets, ks = workload()
+    gate = KernelGate(lambda device: CORRECT)
+    assert gate.kernel(CPU) is CORRECT  # verified by the battery first
+    gate.verified[CPU] = flagging
+    with deferred_checks():
+        assert torch.equal(_kernel_or_torch(values, offsets, ks, gate),
+                           _torch_segmented(values, offsets, ks))  # no read, no raise
+        check_deferred(gate)  # nothing flagged
+        bad = values.clone()
+        bad[7] = float("nan")
+        _kernel_or_torch(bad, offsets, ks, gate)  # flagged: kept for later, not raised
+        with pytest.raises(NonFiniteScoreError, match="since the last check"):
+            check_deferred(gate)
+        check_deferred(gate)  # read once: cleared
+    with pytest.raises(AssertionError, match="read right after"):
+        _kernel_or_torch(values, offsets, ks, gate)  # outside: read at once, as before
+    assert gate.disabled is None
+
+
+def test_a_flag_found_at_a_checkpoint_stops_the_search_before_it_writes(tmp_path,
+                                                                         monkeypatch) -> None:
+    from slt import config
+    from slt.errors import SltError
+    from slt.search import run_search
+    from tests.conftest import TINY
+
+    asked = []
+    monkeypatch.setattr(cuda_topk.GATE, "take_pending", lambda: asked.append(1) or True)
+    cfg = config.load("quick.toml", [*TINY, "run.checkpoint_every=2"])
+    with pytest.raises(SltError, match="epoch 1: a score became NaN or infinite since the last "
+                       "check .*the search diverged"):
+        run_search(cfg, tmp_path, log=lambda _: None)
+    run_dir = tmp_path / config.run_id(cfg)
+    assert asked == [1] and not (run_dir / "checkpoint.pt").exists()
+    assert "the search diverged" in (run_dir / "error.json").read_text()
