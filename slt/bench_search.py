@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slt import topk
 from slt.bench import Timer
 from slt.config import Config, load, parse_override
 from slt.errors import ConfigError
@@ -226,9 +227,11 @@ def bench_one(model: str, shape: tuple[int, ...], mode: Mode, batch: int, keep: 
         net.scorer.on_epoch_start(EpochContext(1, cfg.search.epochs, cfg.run.seed,
                                                net.searched_layers, net.budget))
         net.train()
-        times = interleaved({"search": lambda: search.step(x, y, batch),
-                             "dense": lambda: dense.step(x, y)},
-                            steps, warmup, block, Timer(device))
+        with topk.deferred_checks():  # as the search loop runs it: no flag read per step
+            times = interleaved({"search": lambda: search.step(x, y, batch),
+                                 "dense": lambda: dense.step(x, y)},
+                                steps, warmup, block, Timer(device))
+            topk.check_deferred()
     search_s = statistics.median(times["search"])
     dense_s = statistics.median(times["dense"])
     dens = net.densities()

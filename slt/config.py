@@ -165,12 +165,14 @@ SECTIONS: dict[str, type] = {
 # Keys that say where or how a run executes, not what it computes: left out of the run id.
 NOT_HASHED = {("data", "root"), ("data", "download"), ("run", "device"), ("run", "threads"),
               ("data", "stream"), ("data", "workers"), ("run", "checkpoint_every"),
-              ("run", "channels_last"), ("run", "compile"),
               ("run", "progress")}
 # Keys added after runs were on disk: hashed only when set away from their default, so that
 # adding them renamed no existing run directory (open_lth's rule, for these keys).
+# Speed modes among them: channels-last or compiled kernels may round differently, so a run
+# in such a mode is a run of its own.
 HASHED_IF_SET = {("data", "train_limit"), ("data", "test_limit"), ("run", "sync_bn"),
-                 ("run", "precision"), ("run", "deterministic")}
+                 ("run", "precision"), ("run", "deterministic"), ("run", "channels_last"),
+                 ("run", "compile")}
 
 
 def _section_dict(section: Any) -> dict[str, Any]:

@@ -300,6 +300,10 @@ class KernelGate:
             self.disable(f"failed on launch ({_last_line(exc)})")
             return None
 
+    def discard_pending(self) -> None:
+        with self._lock:
+            self._pending = None
+
     def take_pending(self) -> bool:
         """Whether a deferred launch flagged a non-finite value since the last call: one
         read of the device, made when the caller chooses (before a checkpoint, say)."""

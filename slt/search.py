@@ -176,15 +176,20 @@ def run_search(
     except OSError as exc:
         platform.broadcast("failed")
         raise storage_error(exc, "create the run directory", run_dir) from None
+    # Several processes do not wait for another writer: the other ranks, waiting in a
+    # collective meanwhile, would time out.
+    wait = on_busy == "wait" and platform.world == 1
     with RunLock(run_dir) as lock:
         try:
-            acquired = lock.acquire(wait=on_busy == "wait", on_wait=lambda holder: log(
+            acquired = lock.acquire(wait=wait, on_wait=lambda holder: log(
                 f"{run_dir.name} is being written by {holder}: waiting for it to finish"))
         except BaseException:
             platform.broadcast("failed")
             raise
         if not acquired:
-            log(f"being written by {lock.holder()}, skipped: {run_dir}")
+            why = "" if wait or on_busy == "skip" else \
+                " (a search of several processes does not wait: rerun it when that one ends)"
+            log(f"being written by {lock.holder()}, skipped{why}: {run_dir}")
             return SearchResult(run_dir, platform.broadcast("busy"), None)
         if lock.unsupported:
             log(f"warning: {run_dir} cannot be locked ({lock.unsupported}): nothing stops "
@@ -358,14 +363,19 @@ class Search:
         device = platform.device
         epoch_start = t0 = time.perf_counter()
         start = p.step
-        scorer.on_epoch_start(EpochContext(epoch, s.epochs, cfg.run.seed, searched, net.budget))
+        scorer.on_epoch_start(EpochContext(epoch, s.epochs, cfg.run.seed, searched, net.budget,
+                                           start))
         if start and self.scorer_state:  # a resume inside the epoch: the rule's draws so far
             scorer.load_state(self.scorer_state)
         net.train()
         # Running sums stay on the device: no host sync per step (only for the bar's text).
-        loss_sum = torch.tensor(p.train_loss_sum, dtype=torch.float64, device=device)
-        correct = torch.tensor(p.train_correct, dtype=torch.float64, device=device)
-        seen = p.train_seen
+        # the group's totals so far are kept once, on rank 0 (summed over ranks at the end)
+        keep = platform.is_main
+        loss_sum = torch.tensor(p.train_loss_sum if keep else 0.0, dtype=torch.float64,
+                                device=device)
+        correct = torch.tensor(p.train_correct if keep else 0.0, dtype=torch.float64,
+                               device=device)
+        seen = p.train_seen if keep else 0
         every = cfg.run.checkpoint_every
         batches = self.batches.train_epoch(epoch, s.batch_size, cfg.run.seed, start,
                                            platform.rank, platform.world)
@@ -539,6 +549,12 @@ def _search(cfg: Config, run_dir: Path, batches: Batches | StreamBatches, net: S
     """The search, in a run directory rank 0 holds the lock of: restore, epochs, finish."""
     search = Search(cfg, run_dir, batches, net, platform, log)
     search.restore()
+    here = (search.progress.epoch, search.progress.step)
+    first = platform.broadcast(here)
+    if here != first:  # this rank read another checkpoint (or none) than rank 0
+        raise SltError(f"rank {platform.rank} resumes after epoch/step {here}, rank 0 after "
+                       f"{first}: every rank must read rank 0's {run_dir}; put --out on a "
+                       "filesystem that every node shares")
     if platform.is_main:
         search.repair_metrics()
     epochs_now = 0

@@ -143,6 +143,9 @@ def deferred_checks() -> Iterator[None]:
     after every call (a read that makes the host wait for the GPU on every step); the
     search loop calls `check_deferred` before anything is written. The torch path checks
     at once, as always."""
+    from slt.cuda_topk import GATE
+
+    GATE.discard_pending()  # a flag left by an earlier run in this process is not ours
     token = _DEFERRED.set(True)
     try:
         yield

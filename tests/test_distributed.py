@@ -65,7 +65,7 @@ def test_a_checkpoint_inside_an_epoch_resumes_to_the_same_ticket(tmp_path, score
     ckpt = torch.load(stopped.run_dir / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (0, 3)  # 3 of epoch 1's 10 steps
     again = run_search(cfg, tmp_path / "b", stop_after_steps=2, log=quiet)
-    assert again.status == "stopped"  # epoch 1 step 6, then epoch 2 from step 3 ...
+    assert again.status == "stopped"  # after step 6 of epoch 1
     resumed = run_search(cfg, tmp_path / "b", log=quiet)
     assert resumed.status == "finished"
     assert all(torch.equal(a, b) for a, b in zip(masks_of(straight.run_dir),
@@ -79,6 +79,24 @@ def test_a_checkpoint_inside_an_epoch_resumes_to_the_same_ticket(tmp_path, score
     for a, b in zip(rows_a, rows):  # the epoch's training totals survived the interruptions
         assert (a["train_loss"], a["train_acc"], a["test_acc"]) == \
             (b["train_loss"], b["train_acc"], b["test_acc"])
+
+
+@pytest.mark.parametrize("rule", [
+    ["search.scorer=gem-miner", "search.scorer.prune_every=1"],  # prunes at an epoch's start
+    ["search.scorer=iterand", "search.scorer.rate=0.9", "search.lr=0.5"],  # re-randomises
+    ["search.scorer=bernoulli"], ["search.scorer=edge-popup"]])
+def test_a_resume_inside_a_later_epoch_does_not_repeat_its_start(tmp_path, rule) -> None:
+    cfg = config.load("quick.toml", [*TINY, "data.train_size=640", "search.epochs=3",
+                                     "run.checkpoint_every=3", *rule])
+    straight = run_search(cfg, tmp_path / "a", log=quiet)
+    assert run_search(cfg, tmp_path / "b", stop_after_epochs=1, log=quiet).status == "stopped"
+    assert run_search(cfg, tmp_path / "b", stop_after_steps=1, log=quiet).status == "stopped"
+    ckpt = torch.load(next((tmp_path / "b").iterdir()) / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 3)  # inside epoch 2
+    resumed = run_search(cfg, tmp_path / "b", log=quiet)
+    assert all(torch.equal(a, b) for a, b in zip(masks_of(straight.run_dir),
+                                                 masks_of(resumed.run_dir)))
+    assert resumed.summary["final_test_acc"] == straight.summary["final_test_acc"]
 
 
 def torchrun(args: list[str], nproc: int = 2, **kw) -> subprocess.Popen[str]:
@@ -147,6 +165,12 @@ def test_a_rank_killed_mid_epoch_takes_the_job_down_and_the_rerun_is_exact(
     out, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err[-3000:]
     assert "resuming" in out  # from the dead job's checkpoint, not from the start
+    rows = [[json.loads(x) for x in (tmp_path / d / config.run_id(cfg) / "metrics.jsonl")
+             .read_text().splitlines()] for d in ("straight", "runs")]
+    assert [r["epoch"] for r in rows[1]] == [1, 2, 3]
+    for a, b in zip(*rows):  # the group's training totals survived the kill, counted once
+        assert a["train_acc"] == b["train_acc"] and a["test_acc"] == b["test_acc"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9)
     a = masks_of(tmp_path / "straight" / config.run_id(cfg))
     b = masks_of(tmp_path / "runs" / config.run_id(cfg))
     assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -21,11 +21,14 @@ def masks(result) -> list[torch.Tensor]:
 
 def test_speed_modes_leave_the_run_id_of_existing_runs_alone() -> None:
     base = config.load("quick.toml", TINY)
-    same = config.load("quick.toml", [*TINY, "run.precision=fp32", "run.channels_last=true",
-                                      "run.compile=true", "run.deterministic=true",
-                                      "run.checkpoint_every=5", "data.stream=false"])
+    same = config.load("quick.toml", [*TINY, "run.precision=fp32", "run.channels_last=false",
+                                      "run.compile=false", "run.deterministic=true",
+                                      "run.checkpoint_every=5", "data.stream=false",
+                                      "data.workers=7"])
     assert config.run_id(same) == config.run_id(base)
-    for key in ("run.precision=bf16", "run.deterministic=false", "data.train_limit=100"):
+    # modes that may round differently are runs of their own
+    for key in ("run.precision=bf16", "run.deterministic=false", "data.train_limit=100",
+                "run.channels_last=true", "run.compile=true"):
         assert config.run_id(config.load("quick.toml", [*TINY, key])) != config.run_id(base)
 
 

@@ -50,13 +50,17 @@ class Budget:
 @dataclass(frozen=True)
 class EpochContext:
     """What a scorer's epoch hook may read: the epoch about to run (1-based), the run's
-    length, its seed, the searched layers and the ticket budget."""
+    length, its seed, the searched layers and the ticket budget. `start_step` > 0 when the
+    epoch resumes from a checkpoint taken inside it: what the hook did to the scores or
+    weights at the epoch's start is in that checkpoint already, and must not be done again
+    (per-epoch settings, such as a generator or an annealed k, are set again as usual)."""
 
     epoch: int
     epochs: int
     seed: int
     layers: Sequence[MaskedLayer]
     budget: Budget
+    start_step: int = 0
 
 
 class StraightThroughTopK(torch.autograd.Function):

@@ -80,7 +80,7 @@ class GemMiner(Scorer):
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         every = self.options.prune_every
-        if every and ctx.epoch > 1 and (ctx.epoch - 1) % every == 0:
+        if every and ctx.epoch > 1 and (ctx.epoch - 1) % every == 0 and not ctx.start_step:
             hard_prune(ctx.layers, ctx.budget)
 
 

@@ -46,8 +46,8 @@ class Iterand(EdgePopup):
     stores_weights = True
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
-        if ctx.epoch == 1 or (ctx.epoch - 1) % self.options.every:
-            return
+        if ctx.epoch == 1 or (ctx.epoch - 1) % self.options.every or ctx.start_step:
+            return  # (a resume inside the epoch: its checkpoint holds the new weights)
         with torch.no_grad():
             masks = self.ticket_masks(ctx.layers, ctx.budget)
             for i, (layer, kept) in enumerate(zip(ctx.layers, masks)):
