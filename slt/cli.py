@@ -56,7 +56,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from slt.capacity import allocation_errors
     from slt.config import apply_overrides, from_dict
     from slt.data import open_batches
-    from slt.search import evaluate, resolve_device
+    from slt.platform import resolve_device
+    from slt.search import evaluate
 
     ticket = ticket_io.load(args.ticket)
     overrides = list(args.overrides)

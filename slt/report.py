@@ -304,7 +304,8 @@ class Evaluator:
 
         from slt import ticket as ticket_io
         from slt.data import open_batches
-        from slt.search import evaluate, resolve_device
+        from slt.platform import resolve_device
+        from slt.search import evaluate
 
         cfg = dense_ticket.config
         if os.environ.get("SLT_DATA"):

@@ -14,6 +14,7 @@ equal to the threshold resolve ties by index.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -107,10 +108,16 @@ def _torch_segmented(values: Tensor, offsets: Sequence[int], ks: Sequence[int]) 
     # kthvalue on one 1-D tensor runs on one core: select several segments at once (torch
     # releases the GIL), largest first. The same operations per segment: the same mask.
     order = sorted(range(len(ks)), key=lambda i: offsets[i] - offsets[i + 1])
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for done in [pool.submit(select, i) for i in order]:
-            done.result()
+    pool = _pool(threads)
+    for done in [pool.submit(select, i) for i in order]:
+        done.result()
     return out
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """One pool per thread count, made once: the selection runs on every forward pass."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="slt-topk")
 
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
