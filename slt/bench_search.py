@@ -33,12 +33,13 @@ from torch import Tensor, nn
 
 from slt import topk
 from slt.bench import Timer
-from slt.config import Config, load, parse_override
+from slt.config import Config, parse_override
 from slt.errors import ConfigError
 from slt.layers import MaskedConv2d, MaskedLinear
 from slt.models import build_model
 from slt.network import build_network
 from slt.platform import Platform
+from slt.resolve import load
 from slt.scorers import EpochContext
 from slt.search import Search
 from slt.spec import DataSpec

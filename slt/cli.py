@@ -28,9 +28,9 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _load(args: argparse.Namespace):  # -> Config
-    from slt import config
+    from slt import resolve
 
-    return config.load(args.config, args.overrides)
+    return resolve.load(args.config, args.overrides)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -54,16 +54,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from slt import ticket as ticket_io
     from slt.capacity import allocation_errors
-    from slt.config import apply_overrides, from_dict
+    from slt.config import apply_overrides
     from slt.data import open_batches
     from slt.platform import resolve_device
+    from slt.resolve import resolve
     from slt.search import evaluate
 
     ticket = ticket_io.load(args.ticket)
     overrides = list(args.overrides)
     if os.environ.get("SLT_DATA") and not any(o.startswith("data.root=") for o in overrides):
         overrides.insert(0, f"data.root={os.environ['SLT_DATA']}")  # this machine's data
-    cfg = from_dict(apply_overrides(ticket.config.to_dict(), overrides), str(args.ticket))
+    cfg = resolve(apply_overrides(ticket.config.to_dict(), overrides), str(args.ticket))
     ticket = dataclasses.replace(ticket, config=cfg)
     device = resolve_device(args.device or cfg.run.device)
     batches = open_batches(cfg.data, device)
@@ -88,7 +89,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    from slt.config import load_raw, rule_settings, run_id, to_toml
+    from slt.config import load_raw, run_id, to_toml
+    from slt.resolve import rule_settings
 
     cfg = _load(args)
     # values the scoring rule declared (the user's file and --set left them unset)
@@ -173,7 +175,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_scorers(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from slt.config import rule_optimizer
+    from slt.resolve import rule_optimizer
     from slt.scorers import SCORERS, scorer_class
 
     def shown(value: object) -> str:

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from slt.errors import ConfigError
-from slt.registry import did_you_mean
+from slt.errors import ConfigError, did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -188,7 +187,7 @@ def _section_dict(section: Any) -> dict[str, Any]:
     return out
 
 
-def _scorer_table(body: dict[str, Any], origin: str) -> dict[str, Any]:
+def split_scorer_table(body: dict[str, Any], origin: str) -> dict[str, Any]:
     """search.scorer given as a table {name, options...}: split into scorer + options."""
     if "scorer_options" in body:
         raise ConfigError(f"{origin}: give scorer options in a [search.scorer] table")
@@ -213,19 +212,19 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
+def coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the field type `tp`; ints are accepted where floats are."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(key, value, args[0])
+        return coerce(key, value, args[0])
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a {_type_name(tp)}, got {value!r}")
         item = typing.get_args(tp)[0]
-        return tuple(_coerce(key, v, item) for v in value)
+        return tuple(coerce(key, v, item) for v in value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -252,13 +251,12 @@ def parse_value(text: str) -> Any:
 # --- building a config -------------------------------------------------------------------
 
 
-def from_dict(raw: dict[str, Any], origin: str = "config", check_names: bool = True) -> Config:
-    """Build a validated Config from nested dicts (TOML tables).
-
-    With `check_names` (what a command about to run needs), names are looked up in the
-    registries (dataset, model, init, scheme, scoring rule) and the rule's options and
-    declared settings are filled in. Without, only the config itself is checked: what
-    reading a run's own, fully resolved config.toml needs, with no plug-in installed."""
+def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
+    """Build a Config from nested dicts (TOML tables), checked on its own terms: types,
+    ranges, choices. Names (dataset, model, scheme, scoring rule) are not looked up here:
+    reading a run's own, fully resolved config.toml needs no plug-in installed. A config
+    about to run goes through `slt.resolve`, which fills in the scoring rule's settings and
+    looks the names up."""
     sections: dict[str, Any] = {}
     for name, body in raw.items():
         if name not in SECTIONS:
@@ -274,9 +272,7 @@ def from_dict(raw: dict[str, Any], origin: str = "config", check_names: bool = T
         hints = typing.get_type_hints(cls)
         known = [f.name for f in fields(cls)]
         if name == "search":
-            body = _scorer_table(body, origin)
-            if check_names:
-                body = {**_rule_filled(body), **body}
+            body = split_scorer_table(body, origin)
         kwargs = {}
         for key, value in body.items():
             if key not in known:
@@ -284,9 +280,9 @@ def from_dict(raw: dict[str, Any], origin: str = "config", check_names: bool = T
                     f"unknown key {name}.{key}{did_you_mean(key, known)}"
                 )
             if (name, key) == ("search", "scorer_options"):
-                kwargs[key] = value  # checked against the rule's own options in validate()
+                kwargs[key] = value  # typed against the rule's own options by slt.resolve
             else:
-                kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+                kwargs[key] = coerce(f"{name}.{key}", value, hints[key])
         built[name] = cls(**kwargs)
     cfg = Config(**built)
     if cfg.search.keep is None and cfg.search.ticket_density is None:
@@ -294,77 +290,8 @@ def from_dict(raw: dict[str, Any], origin: str = "config", check_names: bool = T
         cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, keep=0.5))
     if not cfg.data.root:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=default_data_root()))
-    validate(cfg, check_names)
-    if not check_names:
-        return cfg
-    # The rule's options as validated, every field filled in: one computation, one run id
-    # (lam = 0 and lam = 0.0, or a default given or left out).
-    from slt.scorers import scorer_options
-
-    options = dataclasses.asdict(scorer_options(cfg.search.scorer,
-                                                dict(cfg.search.scorer_options)))
-    return dataclasses.replace(cfg, search=dataclasses.replace(
-        cfg.search, scorer_options=tuple(sorted(options.items()))))
-
-
-# --- settings a scoring rule declares ------------------------------------------------------
-
-# search.* keys a scoring rule may declare (Scorer.optimizer): how its scores are optimised.
-OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay", "nesterov", "warmup_epochs")
-
-
-def rule_optimizer(cls: Any) -> dict[str, Any]:
-    """The optimizer settings scoring rule `cls` declares, typed and checked: a rule that
-    names a key slt does not have, or an impossible value, is a ConfigError (so `slt
-    scorers` lists it as unusable and only configs that name it fail)."""
-    declared = getattr(cls, "optimizer", None) or {}
-    rule = getattr(cls, "name", "") or cls.__name__
-    if not isinstance(declared, Mapping):
-        raise ConfigError(f"scorer '{rule}': optimizer must be a dict of search.* settings")
-    hints = typing.get_type_hints(SearchConfig)
-    values = {}
-    for key, value in declared.items():
-        if key not in OPTIMIZER_KEYS:
-            allowed = ", ".join(f"search.{k}" for k in OPTIMIZER_KEYS)
-            raise ConfigError(f"scorer '{rule}' declares optimizer setting '{key}'"
-                              f"{did_you_mean(str(key), list(OPTIMIZER_KEYS))}; a rule may "
-                              f"declare {allowed}")
-        try:
-            values[key] = _coerce(f"search.{key}", value, hints[key])
-        except ConfigError as exc:
-            raise ConfigError(f"scorer '{rule}' declares {exc}") from None
-        if isinstance(values[key], float) and not math.isfinite(values[key]):
-            raise ConfigError(f"scorer '{rule}' declares search.{key} = {value}: not finite")
-    try:
-        _check_optimizer(dataclasses.replace(SearchConfig(), **values))
-    except ConfigError as exc:
-        raise ConfigError(f"scorer '{rule}' declares an impossible setting: {exc}") from None
-    return values
-
-
-def _rule_filled(search: dict[str, Any]) -> dict[str, Any]:
-    """The rule's declared settings that a [search] table (file and --set applied, scorer
-    table split) leaves unset: the user's values come first, then the rule's, then slt's
-    defaults. An unknown rule fills nothing; validate() names it."""
-    from slt.scorers import scorer_class
-
-    name = search.get("scorer", SearchConfig.scorer)
-    if not isinstance(name, str):
-        return {}  # a wrong type: _coerce reports it
-    try:
-        declared = rule_optimizer(scorer_class(name))
-    except ConfigError:
-        return {}  # reported by validate() with the rest of the config
-    return {k: v for k, v in declared.items() if k not in search}
-
-
-def rule_settings(raw: dict[str, Any]) -> dict[str, Any]:
-    """Which search.* values of the config built from `raw` come from its scoring rule's
-    declaration (key -> value), for `slt config show`."""
-    body = raw.get("search", {})
-    if not isinstance(body, dict):
-        return {}
-    return _rule_filled(_scorer_table(body, "config"))
+    validate(cfg)
+    return cfg
 
 
 # --- overrides -----------------------------------------------------------------------------
@@ -484,11 +411,6 @@ def load_raw(path: str | os.PathLike[str] | None = None,
     return apply_overrides(raw, overrides or [])
 
 
-def load(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a TOML config (or the defaults), apply `--set` overrides, validate."""
-    return from_dict(load_raw(path, overrides), origin=str(path) if path else "config")
-
-
 # --- validation ----------------------------------------------------------------------------
 
 CHOICES = {
@@ -504,22 +426,8 @@ def _check_density(key: str, value: float) -> None:
         raise ConfigError(f"{key} must be in (0, 1], got {value}")
 
 
-def _check_names(cfg: Config) -> None:
-    """Every name the config gives is registered (one did-you-mean line otherwise)."""
-    # Imports here: the registries live with the code they register, which imports config.
-    from slt import data, models, scorers, source
-
-    data.DATASETS.get(cfg.data.name)
-    models.MODELS.get(cfg.model.name)
-    source.INITS.get(cfg.model.init)
-    scorers.scorer_options(cfg.search.scorer, dict(cfg.search.scorer_options))
-    if cfg.source.scheme != "custom":
-        source.SCHEMES.get(cfg.source.scheme)
-
-
-def validate(cfg: Config, check_names: bool = True) -> None:
-    """Raise ConfigError for the first impossible value; with `check_names`, the registries
-    name unknown names."""
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for the first impossible value (names are slt.resolve's)."""
     for section in SECTIONS:
         for key, value in _section_dict(getattr(cfg, section)).items():
             values = value if isinstance(value, list) else [value]
@@ -533,8 +441,6 @@ def validate(cfg: Config, check_names: bool = True) -> None:
                 f"{section}.{key} must be one of {', '.join(allowed)}, got '{value}'"
                 f"{did_you_mean(str(value), list(allowed))}"
             )
-    if check_names:
-        _check_names(cfg)
     if cfg.source.scheme == "custom" and not cfg.source.layer_densities:
         raise ConfigError("source.scheme = 'custom' needs source.layer_densities")
     if cfg.source.scheme == "custom" and cfg.search.ticket_density is not None:
@@ -571,7 +477,7 @@ def validate(cfg: Config, check_names: bool = True) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    _check_optimizer(s)
+    check_optimizer(s)
     if s.warmup_epochs > s.epochs:
         raise ConfigError(f"search.warmup_epochs ({s.warmup_epochs}) exceeds search.epochs")
     for key, value in (("run.threads", cfg.run.threads), ("data.workers", cfg.data.workers),
@@ -582,7 +488,7 @@ def validate(cfg: Config, check_names: bool = True) -> None:
             raise ConfigError(f"{key} must be >= 0, got {value}")
 
 
-def _check_optimizer(s: SearchConfig) -> None:
+def check_optimizer(s: SearchConfig) -> None:
     """Ranges of the optimizer settings (shared by configs and rules' declarations)."""
     if s.lr <= 0:
         raise ConfigError(f"search.lr must be positive, got {s.lr}")

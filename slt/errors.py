@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 
 class SltError(Exception):
     """Base of every user-facing error: the message alone must say what is wrong."""
@@ -13,6 +15,12 @@ class ConfigError(SltError):
 
 class DataError(SltError):
     """A dataset that cannot be found or read."""
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """A ' (did you mean 'x'?)' suffix for the closest choice, or '' when none is close."""
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def first_line(exc: BaseException) -> str:

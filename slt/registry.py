@@ -6,19 +6,12 @@ mistyped name fail with a did-you-mean instead of a bare KeyError.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from slt.errors import ConfigError
+from slt.errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
-
-
-def did_you_mean(name: str, choices: list[str]) -> str:
-    """A ' (did you mean 'x'?)' suffix for the closest choice, or '' when none is close."""
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 class Registry(Generic[T]):

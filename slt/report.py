@@ -118,7 +118,7 @@ def _load_run(path: Path) -> Run | Unreadable:
     if not (path / CONFIG).is_file():
         return Unreadable(path, f"{CONFIG} is missing")
     try:  # the run's own resolved config: readable without the plug-ins it names
-        cfg = from_dict(read_toml(path / CONFIG), str(path / CONFIG), check_names=False)
+        cfg = from_dict(read_toml(path / CONFIG), str(path / CONFIG))
     except SltError as exc:  # damaged
         return Unreadable(path, str(exc))
     except UnicodeDecodeError as exc:

@@ -39,7 +39,6 @@ from slt.config import (
     check_alternatives,
     check_key,
     config_hash,
-    from_dict,
     read_toml,
     resolve_config_path,
     run_id,
@@ -48,6 +47,7 @@ from slt.config import (
 )
 from slt.errors import ConfigError, SltError
 from slt.fileio import atomic_write_text
+from slt.resolve import resolve
 from slt.rundir import CONFIG, ERROR, RunLock, read_summary
 
 THEORY = "theory"
@@ -136,9 +136,9 @@ class Sweep:
                 set_key(raw, dotted, value, str(self.path))
         try:
             if theory:
-                density = from_dict(raw, str(self.path)).source.density
+                density = resolve(raw, str(self.path)).source.density
                 set_key(raw, "model.width", round(theory_width(density), 4))
-            return Point(values, from_dict(raw, str(self.path)))
+            return Point(values, resolve(raw, str(self.path)))
         except ConfigError as exc:
             return Point(values, None, str(exc))
 

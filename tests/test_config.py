@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from slt import config
+from slt import config, resolve
 from slt.errors import ConfigError
 
 
 def test_default_ticket_size_is_edge_popups_half() -> None:
-    cfg = config.load()
+    cfg = resolve.load()
     assert cfg.search.keep == 0.5 and cfg.search.ticket_density is None
-    assert config.load(None, ["search.ticket_density=0.2"]).search.keep is None
+    assert resolve.load(None, ["search.ticket_density=0.2"]).search.keep is None
 
 
 def test_overrides_are_typed_by_field() -> None:
-    cfg = config.load(None, ["search.keep=0.5", "source.density=1", "model.hidden=[10, 20]",
+    cfg = resolve.load(None, ["search.keep=0.5", "source.density=1", "model.hidden=[10, 20]",
                              "model.first_layer_dense=true", "data.name=planted_teacher",
                              "search.epochs=3", "model.init=signed_constant"])
     assert cfg.source.density == 1.0 and isinstance(cfg.source.density, float)
@@ -26,8 +29,8 @@ def test_overrides_are_typed_by_field() -> None:
 
 
 def test_keep_and_ticket_density_derive_each_other() -> None:
-    a = config.load(None, ["source.density=0.2", "search.ticket_density=0.1"])
-    b = config.load(None, ["source.density=0.2", "search.keep=0.5"])
+    a = resolve.load(None, ["source.density=0.2", "search.ticket_density=0.1"])
+    b = resolve.load(None, ["source.density=0.2", "search.keep=0.5"])
     assert a.keep == pytest.approx(0.5) and b.ticket_density == pytest.approx(0.1)
     assert config.config_hash(a) == config.config_hash(b)
 
@@ -35,7 +38,7 @@ def test_keep_and_ticket_density_derive_each_other() -> None:
 def test_set_on_command_line_replaces_the_other_spelling(tmp_path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[search]\nkeep = 0.5\n")
-    cfg = config.load(path, ["search.ticket_density=0.3"])
+    cfg = resolve.load(path, ["search.ticket_density=0.3"])
     assert cfg.search.keep is None and cfg.search.ticket_density == 0.3
 
 
@@ -68,7 +71,7 @@ def test_set_on_command_line_replaces_the_other_spelling(tmp_path) -> None:
 )
 def test_each_mistake_is_one_clear_line(overrides, message) -> None:
     with pytest.raises(ConfigError) as info:
-        config.load(None, overrides)
+        resolve.load(None, overrides)
     text = str(info.value)
     assert message in text
     assert "\n" not in text
@@ -79,48 +82,48 @@ def test_unknown_key_in_file(tmp_path) -> None:
     path.write_text("[source]\ndensty = 0.5\n")
     expected = r"unknown key source.densty \(did you mean 'density'\?\)"
     with pytest.raises(ConfigError, match=expected):
-        config.load(path)
+        resolve.load(path)
 
 
 def test_both_ticket_sizes_in_a_file(tmp_path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[search]\nkeep = 0.5\nticket_density = 0.1\n")
     with pytest.raises(ConfigError, match="give exactly one of search.keep and search.ticket_"):
-        config.load(path)
+        resolve.load(path)
 
 
 def test_bad_toml(tmp_path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[source\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
-        config.load(path)
+        resolve.load(path)
 
 
 def test_packaged_configs_load_by_name() -> None:
     for name in ("quick.toml", "mnist_lenet.toml", "cifar10_conv4.toml"):
-        cfg = config.load(name)
+        cfg = resolve.load(name)
         assert 0 < cfg.ticket_density <= cfg.source.density
 
 
 def test_toml_round_trip_and_hash(tmp_path) -> None:
-    cfg = config.load("mnist_lenet.toml", ["source.scheme=erk", "source.density=0.5"])
+    cfg = resolve.load("mnist_lenet.toml", ["source.scheme=erk", "source.density=0.5"])
     path = tmp_path / "resolved.toml"
     path.write_text(config.to_toml(cfg))
-    again = config.load(path)
+    again = resolve.load(path)
     assert again == cfg
     assert config.run_id(again) == config.run_id(cfg)
-    other = config.load("mnist_lenet.toml", ["source.scheme=erk", "source.density=0.4"])
+    other = resolve.load("mnist_lenet.toml", ["source.scheme=erk", "source.density=0.4"])
     assert config.config_hash(other) != config.config_hash(cfg)
-    moved = config.load("mnist_lenet.toml", ["source.scheme=erk", "source.density=0.5",
+    moved = resolve.load("mnist_lenet.toml", ["source.scheme=erk", "source.density=0.5",
                                              "data.root=/elsewhere", "run.device=cpu"])
     assert config.config_hash(moved) == config.config_hash(cfg)  # where it runs is not hashed
 
 
 def test_data_root_defaults_to_env(monkeypatch) -> None:
     monkeypatch.setenv("SLT_DATA", "/some/where")
-    assert config.load(None, ["search.keep=0.5"]).data.root == "/some/where"
+    assert resolve.load(None, ["search.keep=0.5"]).data.root == "/some/where"
     monkeypatch.delenv("SLT_DATA")
-    assert config.load(None, ["search.keep=0.5"]).data.root == "./data"
+    assert resolve.load(None, ["search.keep=0.5"]).data.root == "./data"
 
 
 # --- settings a scoring rule declares (Scorer.optimizer) -----------------------------------
@@ -130,44 +133,44 @@ def test_rule_settings_fill_what_the_user_leaves_unset(tmp_path) -> None:
     from slt.scorers.bernoulli import Bernoulli
 
     assert Bernoulli.optimizer == {"lr": 10.0, "weight_decay": 0.0}
-    plain = config.load(None, ["search.scorer=edge-popup"])
+    plain = resolve.load(None, ["search.scorer=edge-popup"])
     assert (plain.search.lr, plain.search.weight_decay) == (0.1, 5e-4)  # slt's defaults
-    rule = config.load(None, ["search.scorer=bernoulli"])
+    rule = resolve.load(None, ["search.scorer=bernoulli"])
     assert (rule.search.lr, rule.search.weight_decay) == (10.0, 0.0)
     assert rule.search.momentum == 0.9  # not declared: slt's default
     # the user's --set wins over the rule
-    assert config.load(None, ["search.scorer=bernoulli", "search.lr=2"]).search.lr == 2.0
+    assert resolve.load(None, ["search.scorer=bernoulli", "search.lr=2"]).search.lr == 2.0
     # so does the user's file, key by key
     path = tmp_path / "c.toml"
     path.write_text('[search]\nscorer = "bernoulli"\nweight_decay = 1e-4\n')
-    from_file = config.load(path)
+    from_file = resolve.load(path)
     assert (from_file.search.lr, from_file.search.weight_decay) == (10.0, 1e-4)
     # a rule named in a [search.scorer] table declares the same
     path.write_text('[search.scorer]\nname = "bernoulli"\n')
-    assert config.load(path).search.lr == 10.0
+    assert resolve.load(path).search.lr == 10.0
 
 
 def test_rule_settings_are_stored_and_hashed(tmp_path) -> None:
-    rule = config.load(None, ["search.scorer=bernoulli"])
-    spelled = config.load(None, ["search.scorer=bernoulli", "search.lr=10",
+    rule = resolve.load(None, ["search.scorer=bernoulli"])
+    spelled = resolve.load(None, ["search.scorer=bernoulli", "search.lr=10",
                                  "search.weight_decay=0"])
     assert rule == spelled and config.run_id(rule) == config.run_id(spelled)
-    other = config.load(None, ["search.scorer=bernoulli", "search.lr=0.1"])
+    other = resolve.load(None, ["search.scorer=bernoulli", "search.lr=0.1"])
     assert config.run_id(other) != config.run_id(rule)
     text = config.to_toml(rule)
     assert "lr = 10.0\n" in text and "weight_decay = 0.0\n" in text
     path = tmp_path / "resolved.toml"
     path.write_text(text)
-    again = config.load(path)
+    again = resolve.load(path)
     assert again == rule and config.run_id(again) == config.run_id(rule)
-    assert config.rule_settings(config.load_raw(path)) == {}  # stored: now the user's
+    assert resolve.rule_settings(config.load_raw(path)) == {}  # stored: now the user's
 
 
 def test_rule_settings_are_reported_by_source(tmp_path) -> None:
     raw = config.load_raw("quick.toml", ["search.scorer=bernoulli", "search.lr=3"])
-    assert config.rule_settings(raw) == {"weight_decay": 0.0}
-    assert config.rule_settings(config.load_raw("quick.toml")) == {}
-    assert config.rule_settings(config.load_raw(None, ["search.scorer=nonesuch"])) == {}
+    assert resolve.rule_settings(raw) == {"weight_decay": 0.0}
+    assert resolve.rule_settings(config.load_raw("quick.toml")) == {}
+    assert resolve.rule_settings(config.load_raw(None, ["search.scorer=nonesuch"])) == {}
 
 
 def test_config_show_marks_values_from_the_rule(capsys) -> None:
@@ -188,10 +191,10 @@ def test_shipped_configs_leave_declarable_settings_to_rules(name) -> None:
     raw = config.read_toml(name)
     assert not set(raw["search"]) & {"lr", "momentum"}
     # left out because they repeated slt's defaults: edge-popup computes (and names) the same
-    cfg = config.load(name)
-    spelled = config.load(name, ["search.lr=0.1", "search.momentum=0.9"])
+    cfg = resolve.load(name)
+    spelled = resolve.load(name, ["search.lr=0.1", "search.momentum=0.9"])
     assert cfg == spelled and config.run_id(cfg) == config.run_id(spelled)
-    assert config.load(name, ["search.scorer=bernoulli"]).search.lr == 10.0
+    assert resolve.load(name, ["search.scorer=bernoulli"]).search.lr == 10.0
 
 
 def test_scorers_lists_declared_settings(capsys) -> None:
@@ -216,3 +219,24 @@ def test_sweep_points_get_the_rule_settings_unless_set(tmp_path) -> None:
     popup, bern = load_sweep(path).points()
     assert (popup.config.search.lr, bern.config.search.lr) == (0.5, 0.5)
     assert bern.config.search.weight_decay == 0.0
+
+
+def test_config_module_imports_no_other_part_of_slt() -> None:
+    """A run's config reads back with nothing of slt loaded but the config and its errors:
+    no registry, so no plug-in, is needed to read it."""
+    code = ("import sys, slt.config\n"
+            "print(sorted(m for m in sys.modules if m == 'slt' or m.startswith('slt.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "['slt', 'slt.config', 'slt.errors']"
+
+
+def test_a_stored_config_reads_without_its_rule_and_resolving_names_it(tmp_path) -> None:
+    raw = resolve.load(None, ["search.scorer=bernoulli"]).to_dict()
+    raw["search"]["scorer"] = {"name": "not-installed-here", "width": 3}
+    cfg = config.from_dict(raw, "config.toml")
+    assert cfg.search.scorer == "not-installed-here"
+    assert cfg.search.scorer_options == (("width", 3),)
+    assert cfg.search.lr == 10.0  # the stored value, not a default
+    with pytest.raises(ConfigError, match="unknown scorer 'not-installed-here'"):
+        resolve.resolve(raw, "config.toml")

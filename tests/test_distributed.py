@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slt import config, ticket
+from slt import config, resolve, ticket
 from slt.analysis import jaccard
 from slt.data import Batches, load_data, rank_slice
 from slt.search import run_search
@@ -41,7 +41,7 @@ def test_rank_slices_cover_each_global_batch_once() -> None:
 
 
 def test_every_world_size_sees_the_same_samples_in_the_same_order() -> None:
-    cfg = config.load("quick.toml", [*TINY, "data.train_size=300"])
+    cfg = resolve.load("quick.toml", [*TINY, "data.train_size=300"])
     batches = Batches(load_data(cfg.data), torch.device("cpu"))
     alone = list(batches.train_epoch(2, 64, seed=5))
     for world in (2, 4):
@@ -58,7 +58,7 @@ def test_every_world_size_sees_the_same_samples_in_the_same_order() -> None:
 def test_a_checkpoint_inside_an_epoch_resumes_to_the_same_ticket(tmp_path, scorer) -> None:
     overrides = [*TINY, "data.train_size=640", "search.epochs=2", "run.checkpoint_every=3",
                  f"search.scorer={scorer}"]
-    cfg = config.load("quick.toml", overrides)
+    cfg = resolve.load("quick.toml", overrides)
     straight = run_search(cfg, tmp_path / "a", log=quiet)
     stopped = run_search(cfg, tmp_path / "b", stop_after_steps=1, log=quiet)
     assert stopped.status == "stopped"
@@ -86,7 +86,7 @@ def test_a_checkpoint_inside_an_epoch_resumes_to_the_same_ticket(tmp_path, score
     ["search.scorer=iterand", "search.scorer.rate=0.9", "search.lr=0.5"],  # re-randomises
     ["search.scorer=bernoulli"], ["search.scorer=edge-popup"]])
 def test_a_resume_inside_a_later_epoch_does_not_repeat_its_start(tmp_path, rule) -> None:
-    cfg = config.load("quick.toml", [*TINY, "data.train_size=640", "search.epochs=3",
+    cfg = resolve.load("quick.toml", [*TINY, "data.train_size=640", "search.epochs=3",
                                      "run.checkpoint_every=3", *rule])
     straight = run_search(cfg, tmp_path / "a", log=quiet)
     assert run_search(cfg, tmp_path / "b", stop_after_epochs=1, log=quiet).status == "stopped"
@@ -127,7 +127,7 @@ def test_two_processes_search_one_ticket(tmp_path, mnist_overrides) -> None:
     assert len(runs) == 1  # one run directory, written by rank 0
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert summary["world_size"] == 2
-    cfg = config.load("mnist_lenet.toml", mnist_overrides)
+    cfg = resolve.load("mnist_lenet.toml", mnist_overrides)
     assert runs[0].name == config.run_id(cfg)  # the world size is not in the run id
     assert summary["n_ticket"] == round(0.1 * summary["n_prunable"])  # exact k
     alone = run_search(cfg, tmp_path / "one", log=quiet)
@@ -149,7 +149,7 @@ def test_a_rank_killed_mid_epoch_takes_the_job_down_and_the_rerun_is_exact(
     straight = torchrun(search_args(overrides, tmp_path / "straight"))
     assert straight.wait(timeout=600) == 0, straight.stderr.read()[-3000:]
     proc = torchrun(args, start_new_session=True)
-    cfg = config.load("mnist_lenet.toml", overrides)
+    cfg = resolve.load("mnist_lenet.toml", overrides)
     ckpt = tmp_path / "runs" / config.run_id(cfg) / "checkpoint.pt"
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline:
@@ -191,9 +191,9 @@ def test_a_streamed_search_finds_the_in_memory_ticket_and_resumes_inside_an_epoc
     from tests.test_stream import folder_tree
 
     root = folder_tree(tmp_path / "images", per_class=10)
-    memory = run_search(config.load("quick.toml", folder_overrides(root, False)),
+    memory = run_search(resolve.load("quick.toml", folder_overrides(root, False)),
                         tmp_path / "memory", log=quiet)
-    cfg = config.load("quick.toml", folder_overrides(root, True))
+    cfg = resolve.load("quick.toml", folder_overrides(root, True))
     assert config.run_id(cfg) == memory.run_dir.name  # streaming is how, not what
     stopped = run_search(cfg, tmp_path / "stream", stop_after_steps=1, log=quiet)
     assert stopped.status == "stopped"
@@ -207,7 +207,7 @@ def test_a_short_search_on_an_imagenet_tree(tmp_path) -> None:
     from tests.test_stream import imagenet_tree
 
     root = imagenet_tree(tmp_path / "imagenet")
-    cfg = config.load("quick.toml", [
+    cfg = resolve.load("quick.toml", [
         "data.name=imagenet", f"data.root={root}", "data.stream=true", "data.workers=2",
         "model.name=conv2", "model.width=0.125", "search.epochs=1", "search.batch_size=4",
         "search.ticket_density=0.25", "source.density=0.5", "run.progress=false"])

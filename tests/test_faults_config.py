@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from slt import config
+from slt import config, resolve
 from slt.cli import main
 from slt.errors import ConfigError
 from slt.scorers import SCORERS, create_scorer
@@ -27,22 +27,22 @@ def sets(*items: str) -> list[str]:
                                    ("search.ticket_density=0.1", "search.keep=0.5")])
 def test_both_ticket_sizes_on_one_command_line(order) -> None:
     with pytest.raises(ConfigError) as info:
-        config.load(None, list(order))
+        resolve.load(None, list(order))
     assert str(info.value) == BOTH
     with pytest.raises(ConfigError, match="both given"):  # whatever the file holds
-        config.load("mnist_lenet.toml", list(order))
+        resolve.load("mnist_lenet.toml", list(order))
 
 
 def test_one_set_replaces_the_files_spelling(tmp_path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[source]\ndensity = 0.5\n[search]\nticket_density = 0.1\n")
-    cfg = config.load(path, ["search.keep=0.5"])
+    cfg = resolve.load(path, ["search.keep=0.5"])
     assert (cfg.search.keep, cfg.search.ticket_density, cfg.ticket_density) == (0.5, None, 0.25)
     path.write_text("[source]\ndensity = 0.5\n[search]\nkeep = 0.5\n")
-    cfg = config.load(path, ["search.ticket_density=0.1"])
+    cfg = resolve.load(path, ["search.ticket_density=0.1"])
     assert (cfg.search.keep, cfg.search.ticket_density, cfg.keep) == (None, 0.1, 0.2)
     # the same key twice is no conflict: the last one wins, as for any key
-    assert config.load(path, ["search.keep=0.2", "search.keep=0.3"]).search.keep == 0.3
+    assert resolve.load(path, ["search.keep=0.2", "search.keep=0.3"]).search.keep == 0.3
 
 
 def test_check_alternatives_for_a_table_of_settings() -> None:
@@ -100,11 +100,11 @@ def test_a_bad_declaration_makes_only_that_rule_unusable(monkeypatch, capsys, de
                                                          message) -> None:
     monkeypatch.setitem(SCORERS._items, "odd", rule("odd", declared))
     with pytest.raises(ConfigError) as info:
-        config.load(None, ["search.scorer=odd"])
+        resolve.load(None, ["search.scorer=odd"])
     assert message in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ConfigError):
         create_scorer("odd")
-    assert config.load(None, ["search.scorer=biprop"]).search.lr == 0.1  # others unharmed
+    assert resolve.load(None, ["search.scorer=biprop"]).search.lr == 0.1  # others unharmed
     assert main(["scorers"]) == 0
     lines = capsys.readouterr().out.splitlines()
     (line,) = [x for x in lines if x.startswith("odd ")]
@@ -116,7 +116,7 @@ def test_a_bad_declaration_makes_only_that_rule_unusable(monkeypatch, capsys, de
 def test_a_good_declaration_is_typed_and_applied(monkeypatch, capsys) -> None:
     monkeypatch.setitem(SCORERS._items, "slow-popup",
                         rule("slow-popup", {"lr": 1, "nesterov": True, "warmup_epochs": 2}))
-    cfg = config.load(None, ["search.scorer=slow-popup"])
+    cfg = resolve.load(None, ["search.scorer=slow-popup"])
     assert (cfg.search.lr, cfg.search.nesterov, cfg.search.warmup_epochs) == (1.0, True, 2.0)
     assert isinstance(cfg.search.lr, float)
     assert main(["config", "show", "--set", "search.scorer=slow-popup",
@@ -130,7 +130,7 @@ def test_a_good_declaration_is_typed_and_applied(monkeypatch, capsys) -> None:
     assert line.endswith("[optimizer: lr=1, nesterov=True, warmup_epochs=2]")
     # a declared value the run cannot take is the config's mistake, named as usual
     with pytest.raises(ConfigError, match=r"search.warmup_epochs \(2.0\) exceeds search.epochs"):
-        config.load(None, ["search.scorer=slow-popup", "search.epochs=1"])
+        resolve.load(None, ["search.scorer=slow-popup", "search.epochs=1"])
 
 
 def test_a_sweep_table_or_command_line_with_both_spellings_is_one_line(tmp_path, capsys):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from slt import cuda_topk
+from slt import cuda_topk, resolve
 from slt.cuda_topk import KernelGate, check_kernel, layout_limit
 from slt.errors import NonFiniteScoreError
 from slt.topk import (
@@ -362,7 +362,7 @@ def test_a_flag_found_at_a_checkpoint_stops_the_search_before_it_writes(tmp_path
 
     asked = []
     monkeypatch.setattr(cuda_topk.GATE, "take_pending", lambda: asked.append(1) or True)
-    cfg = config.load("quick.toml", [*TINY, "run.checkpoint_every=2"])
+    cfg = resolve.load("quick.toml", [*TINY, "run.checkpoint_every=2"])
     with pytest.raises(SltError, match="epoch 1: a score became NaN or infinite since the last "
                        "check .*the search diverged"):
         run_search(cfg, tmp_path, log=lambda _: None)

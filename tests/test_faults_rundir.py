@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slt import config, ticket
+from slt import config, resolve, ticket
 from slt.cli import main
 from slt.report import write_report
 from slt.rundir import RunLock, locked_by
@@ -51,7 +51,7 @@ def one_error_line(err: str) -> str:
 @pytest.fixture
 def finished(tmp_path):
     """A finished tiny run: (config, out folder, run dir, its summary)."""
-    cfg = config.load("quick.toml", TINY)
+    cfg = resolve.load("quick.toml", TINY)
     result = run_search(cfg, tmp_path / "runs", log=quiet)
     return cfg, tmp_path / "runs", result.run_dir, result.summary
 
@@ -107,7 +107,7 @@ def test_a_missing_or_corrupt_ticket_is_not_a_finished_run(finished, capsys):
 
 
 def test_damaged_metrics_lines_are_dropped_and_the_ticket_is_exact(tmp_path, capsys):
-    cfg = config.load("quick.toml", TINY)
+    cfg = resolve.load("quick.toml", TINY)
     straight = run_search(cfg, tmp_path / "a", log=quiet)
     stopped = run_search(cfg, tmp_path / "b", stop_after_epochs=1, log=quiet)
     with open(stopped.run_dir / "metrics.jsonl", "ab") as fh:
@@ -124,7 +124,7 @@ def test_damaged_metrics_lines_are_dropped_and_the_ticket_is_exact(tmp_path, cap
 
 @pytest.mark.parametrize("foreign", [{"foo": 1}, [1, 2, 3], torch.zeros(3), "text"])
 def test_a_checkpoint_that_is_not_slts_is_one_line(tmp_path, foreign, capsys):
-    cfg = config.load("quick.toml", TINY)
+    cfg = resolve.load("quick.toml", TINY)
     stopped = run_search(cfg, tmp_path, stop_after_epochs=1, log=quiet)
     ckpt = stopped.run_dir / "checkpoint.pt"
     torch.save(foreign, ckpt)
@@ -139,7 +139,7 @@ def test_a_checkpoint_that_is_not_slts_is_one_line(tmp_path, foreign, capsys):
 
 
 def test_a_checkpoint_of_another_network_is_one_line(tmp_path, capsys):
-    cfg = config.load("quick.toml", TINY)
+    cfg = resolve.load("quick.toml", TINY)
     stopped = run_search(cfg, tmp_path, stop_after_epochs=1, log=quiet)
     ckpt = stopped.run_dir / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=True)
@@ -179,7 +179,7 @@ def test_a_second_search_waits_for_the_writer_then_skips(finished):
 
 def test_kill_9_leaves_no_stale_lock_and_the_run_resumes(tmp_path):
     overrides = [*TINY, "search.epochs=40", "data.train_size=4096"]
-    cfg = config.load("quick.toml", overrides)
+    cfg = resolve.load("quick.toml", overrides)
     out = tmp_path / "runs"
     run_dir = out / config.run_id(cfg)
     proc = slt_proc("search", *sets(overrides), "--out", str(out))
@@ -205,7 +205,7 @@ def test_kill_9_leaves_no_stale_lock_and_the_run_resumes(tmp_path):
 
 
 def test_leftovers_of_interrupted_atomic_writes_are_removed(tmp_path):
-    cfg = config.load("quick.toml", TINY)
+    cfg = resolve.load("quick.toml", TINY)
     stopped = run_search(cfg, tmp_path, stop_after_epochs=1, log=quiet)
     leftovers = [".checkpoint.pt.k2j3h4.tmp", ".summary.json.abc.tmp", ".ticket.slt.x.tmp"]
     for name in leftovers:
@@ -266,7 +266,7 @@ def test_the_sweep_record_holds_the_command_line_overrides(tmp_path):
     assert record["overrides"] == {"search.epochs": 1, "search.lr": 0.05}
     assert record["set"]["search.epochs"] == 2  # the file's value, overridden
     for row in record["points"]:
-        cfg = config.load(out / row["run_id"] / "config.toml")
+        cfg = resolve.load(out / row["run_id"] / "config.toml")
         assert (cfg.search.epochs, cfg.search.lr) == (1, 0.05)
 
 
@@ -309,7 +309,7 @@ def test_the_report_lists_damaged_runs_and_never_counts_them_running(tmp_path, c
     csv_rows = (out / "report" / "results.csv").read_text().splitlines()
     assert sum(",unreadable," in row for row in csv_rows) == 9
     # the search agrees with the report: neither damaged run counts as finished
-    cfg9 = config.load(runs[9] / "config.toml")
+    cfg9 = resolve.load(runs[9] / "config.toml")
     assert run_search(cfg9, out, log=quiet).status == "finished"  # rebuilt, not skipped
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slt import capacity, config
+from slt import capacity, config, resolve
 from slt.capacity import (
     BYTES_PER_SOURCE_EDGE,
     BYTES_PER_WEIGHT,
@@ -43,7 +43,7 @@ def cfg_of(*overrides: str, drop: tuple[str, ...] = ()) -> Config:
     for dotted in drop:
         section, key = dotted.split(".")
         raw[section].pop(key)
-    return config.from_dict(config.apply_overrides(raw, list(overrides)), "quick.toml")
+    return resolve.resolve(config.apply_overrides(raw, list(overrides)), "quick.toml")
 
 
 def spec_of(cfg: Config) -> DataSpec:
@@ -128,7 +128,7 @@ def shipped_configs() -> list[tuple[str, Config]]:
                 assert point.config is not None, (path.name, point.skipped)
                 out.append((f"{path.name} {point.label()}", point.config))
         else:
-            out.append((path.name, config.load(path)))
+            out.append((path.name, resolve.load(path)))
     return out
 
 

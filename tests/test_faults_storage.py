@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from slt import config
+from slt import config, resolve
 from slt.search import run_search
 from tests.conftest import REPO, TINY
 
@@ -62,7 +62,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     big = [*TINY, "model.hidden=[512, 512]"]  # a checkpoint of ~3 MB on a 256 KiB disk
-    cfg = config.load("quick.toml", big)
+    cfg = resolve.load("quick.toml", big)
     run_dir = disk / "runs" / config.run_id(cfg)
     proc = in_namespace(
         f"mount -t tmpfs -o size=256k tmpfs {disk} && "
@@ -79,7 +79,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(tmp_path):
 def test_a_full_disk_never_damages_a_finished_ticket(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    cfg = config.load("quick.toml", TINY)
+    cfg = resolve.load("quick.toml", TINY)
     run_dir = disk / "runs" / config.run_id(cfg)
     keep = tmp_path / "before.slt"
     proc = in_namespace(
@@ -97,7 +97,7 @@ def test_a_full_disk_never_damages_a_finished_ticket(tmp_path):
 @needs_mounts
 def test_a_read_only_filesystem_is_one_line_for_every_command(tmp_path):
     runs = tmp_path / "runs"
-    cfg = config.load("quick.toml", TINY)
+    cfg = resolve.load("quick.toml", TINY)
     done = run_search(cfg, runs, log=lambda _: None)
     ticket = done.run_dir / "ticket.slt"
     before = ticket.read_bytes()
@@ -120,7 +120,7 @@ def test_a_read_only_filesystem_is_one_line_for_every_command(tmp_path):
         rc = int((tmp_path / f"{name}.rc").read_text())
         return rc, [x for x in (tmp_path / name).read_text().splitlines() if x.strip()]
 
-    seed9 = config.run_id(config.load("quick.toml", [*TINY, "run.seed=9"]))
+    seed9 = config.run_id(resolve.load("quick.toml", [*TINY, "run.seed=9"]))
     assert outcome("search") == (2, [f"slt: error: cannot create the run directory "
                                      f"{runs / seed9}: Read-only file system"])
     assert outcome("embed") == (2, [f"slt: error: cannot open the lock file "
@@ -142,7 +142,7 @@ def test_a_sweep_goes_on_past_a_point_it_cannot_write(tmp_path):
     sweep.write_text('base = "quick.toml"\n[set]\n' + "".join(
         f"{k} = {json.dumps(config.parse_value(v))}\n"
         for k, v in (o.split("=", 1) for o in TINY)) + "[axes]\nrun.seed = [0, 1, 2]\n")
-    stuck = out / config.run_id(config.load("quick.toml", [*TINY, "run.seed=1"]))
+    stuck = out / config.run_id(resolve.load("quick.toml", [*TINY, "run.seed=1"]))
     stuck.mkdir(parents=True)
     proc = in_namespace(
         f"mount --bind {stuck} {stuck} && mount -o remount,ro,bind {stuck} && "
@@ -169,7 +169,7 @@ def test_a_permission_error_is_one_line(tmp_path):
              *shlex.split(slt_args("search", "--out", str(folder / "runs")))],
             capture_output=True, text=True, cwd=REPO, timeout=600,
             env={**os.environ, "HOME": str(folder)})
-        cfg = config.load("quick.toml", TINY)
+        cfg = resolve.load("quick.toml", TINY)
         line = one_error_line(proc)
         assert line == f"slt: error: cannot create the run directory " \
             f"{folder / 'runs' / config.run_id(cfg)}: Permission denied"
@@ -194,7 +194,7 @@ def test_a_run_another_user_cannot_read_is_listed_not_fatal(tmp_path):
     try:
         folder.chmod(0o755)
         runs, report = folder / "runs", folder / "report"
-        done = [run_search(config.load("quick.toml", [*TINY, f"run.seed={seed}"]), runs,
+        done = [run_search(resolve.load("quick.toml", [*TINY, f"run.seed={seed}"]), runs,
                            log=lambda _: None).run_dir for seed in (0, 1)]
         done[1].chmod(0o700)  # root's alone; the other run is readable by anyone (0644 files)
         report.mkdir()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from slt import config
+from slt import resolve
 from slt.network import build_network
 from slt.spec import DataSpec
 
@@ -15,7 +15,7 @@ SPEC = DataSpec((1, 28, 28), 10)
 
 
 def net_for(*overrides: str, spec: DataSpec = SPEC):
-    cfg = config.load(None, ["data.name=planted_teacher", "model.name=mlp", *overrides])
+    cfg = resolve.load(None, ["data.name=planted_teacher", "model.name=mlp", *overrides])
     return cfg, build_network(cfg, spec)
 
 

@@ -16,10 +16,11 @@ import torch
 from slt import ticket
 from slt.analysis import fmt_pct, jaccard, mean_std, surviving, surviving_fraction
 from slt.cli import main
-from slt.config import config_hash, from_dict, load, read_toml, run_id, to_toml
+from slt.config import config_hash, from_dict, read_toml, run_id, to_toml
 from slt.data import Batches, load_data
 from slt.errors import SltError
 from slt.report import load_runs, write_report
+from slt.resolve import load, resolve
 from slt.search import evaluate
 from slt.sweep import load_sweep, run_sweep
 from slt.ticket import MAGIC
@@ -262,9 +263,9 @@ def test_a_run_of_a_rule_not_installed_here_is_still_reported(tmp_path) -> None:
     run_dir = fake_run(runs, ["source.density=0.5"], 0.8)
     raw = read_toml(run_dir / "config.toml")
     raw["search"]["scorer"] = {"name": "someones-rule", "temperature": 2.0}
-    cfg = from_dict(raw, check_names=False)
+    cfg = from_dict(raw)
     with pytest.raises(SltError, match="someones-rule"):
-        from_dict(raw)  # about to run it: the name must be registered
+        resolve(raw)  # about to run it: the name must be registered
     moved = runs / run_id(cfg)
     run_dir.rename(moved)
     (moved / "config.toml").write_text(to_toml(cfg))

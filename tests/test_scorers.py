@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slt import config, ticket
+from slt import config, resolve, ticket
 from slt.cli import main
 from slt.errors import ConfigError
 from slt.network import build_network
@@ -34,7 +34,7 @@ TINY_NO_SIZE = [o for o in TINY if not o.startswith("search.ticket_density=")]
 
 
 def net_for(scorer: str, *extra: str, density: float = 0.5, keep: float = 0.25):
-    cfg = config.load(None, [*TINY_NO_SIZE, "model.hidden=[48, 32]", f"source.density={density}",
+    cfg = resolve.load(None, [*TINY_NO_SIZE, "model.hidden=[48, 32]", f"source.density={density}",
                              f"search.keep={keep}", f"search.scorer={scorer}", *extra])
     return build_network(cfg, SPEC), cfg
 
@@ -196,7 +196,7 @@ def test_tickets_rebuild_to_the_run_accuracy(tmp_path, scorer: str) -> None:
     from slt.data import Batches, load_data
     from slt.search import evaluate
 
-    cfg = config.load(None, [*TINY, f"search.scorer={scorer}", "search.epochs=3"])
+    cfg = resolve.load(None, [*TINY, f"search.scorer={scorer}", "search.epochs=3"])
     result = run_search(cfg, tmp_path, log=lambda _: None)
     t = ticket.load(result.run_dir / "ticket.slt")
     assert t.header["embedded_weights"] == (scorer in ("iterand", "signed-supermask"))
@@ -206,7 +206,7 @@ def test_tickets_rebuild_to_the_run_accuracy(tmp_path, scorer: str) -> None:
 
 
 def test_iterand_resume_gives_the_same_ticket(tmp_path) -> None:
-    cfg = config.load(None, [*TINY, "search.scorer=iterand", "search.epochs=3",
+    cfg = resolve.load(None, [*TINY, "search.scorer=iterand", "search.epochs=3",
                              "search.scorer.rate=0.5"])
     assert run_search(cfg, tmp_path / "a", stop_after_epochs=2,
                       log=lambda _: None).status == "stopped"
@@ -221,34 +221,34 @@ def test_iterand_resume_gives_the_same_ticket(tmp_path) -> None:
 def test_scorer_options_in_the_config(tmp_path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[search]\nkeep = 0.5\n[search.scorer]\nname = "iterand"\nrate = 0.25\n')
-    cfg = config.load(path)
+    cfg = resolve.load(path)
     # validated options are stored whole, defaults included: one computation, one run id
     assert cfg.search.scorer == "iterand"
     assert dict(cfg.search.scorer_options) == {"every": 1, "rate": 0.25}
-    same = config.load(path, ["search.scorer.every=1"])
+    same = resolve.load(path, ["search.scorer.every=1"])
     assert config.run_id(same) == config.run_id(cfg)
-    gem = [config.load(None, ["search.scorer=gem-miner", f"search.scorer.lam={v}"])
+    gem = [resolve.load(None, ["search.scorer=gem-miner", f"search.scorer.lam={v}"])
            for v in ("0", "0.0")]
     assert config.run_id(gem[0]) == config.run_id(gem[1])
     with pytest.raises(ConfigError, match="search.scorer.lam must be a finite number"):
-        config.load(None, ["search.scorer=gem-miner", "search.scorer.lam=nan"])
+        resolve.load(None, ["search.scorer=gem-miner", "search.scorer.lam=nan"])
     assert create_scorer("iterand", {"rate": 0.25}).options.rate == 0.25
     again = tmp_path / "again.toml"
     again.write_text(config.to_toml(cfg))
-    assert config.load(again) == cfg  # the inline table round-trips
-    assert config.load(path, ["search.scorer.every=3"]).search.scorer_options == (
+    assert resolve.load(again) == cfg  # the inline table round-trips
+    assert resolve.load(path, ["search.scorer.every=3"]).search.scorer_options == (
         ("every", 3), ("rate", 0.25))
-    assert config.run_id(cfg) != config.run_id(config.load(path, ["search.scorer.rate=0.3"]))
+    assert config.run_id(cfg) != config.run_id(resolve.load(path, ["search.scorer.rate=0.3"]))
     with pytest.raises(ConfigError, match=re.escape(
             "unknown option search.scorer.rat for scorer 'iterand' (did you mean 'rate'?)")):
-        config.load(path, ["search.scorer.rat=0.1"])
+        resolve.load(path, ["search.scorer.rat=0.1"])
     with pytest.raises(ConfigError, match="search.scorer.rate: expected float"):
-        config.load(path, ['search.scorer.rate="high"'])
+        resolve.load(path, ['search.scorer.rate="high"'])
     with pytest.raises(ConfigError, match=r"rate must be in \[0, 1\]"):
-        config.load(path, ["search.scorer.rate=2.0"])
+        resolve.load(path, ["search.scorer.rate=2.0"])
     with pytest.raises(ConfigError, match="unknown option search.scorer.rate for scorer "
                                           "'biprop'"):
-        config.load(path, ["search.scorer=biprop"])  # the options stay with the table
+        resolve.load(path, ["search.scorer=biprop"])  # the options stay with the table
 
 
 def test_scorer_options_in_sweeps(tmp_path) -> None:
@@ -352,7 +352,7 @@ def test_every_shipped_rule_learns_with_its_defaults(tmp_path, shared_data, scor
     rule, with its own defaults and declared optimizer settings, must clearly beat chance
     (10 classes: 10%; asserted > 50%, edge-popup reaches 95%, bernoulli 72%). Full MNIST,
     not a slice: one epoch takes a few seconds per rule on 2 CPU cores."""
-    cfg = config.load("mnist_lenet.toml", [
+    cfg = resolve.load("mnist_lenet.toml", [
         f"data.root={shared_data}", "search.epochs=1", "source.density=0.5",
         "search.ticket_density=0.25", f"search.scorer={scorer}", "run.progress=false"])
     assert cfg.search.lr == (10.0 if scorer == "bernoulli" else 0.1)

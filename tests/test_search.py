@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from slt import config, ticket
+from slt import resolve, ticket
 from slt.search import lr_factor, run_search
 
 
@@ -24,7 +24,7 @@ def test_lr_schedule_warmup_then_cosine() -> None:
 
 
 def test_run_directory_contents(tmp_path, tiny_overrides) -> None:
-    cfg = config.load(None, tiny_overrides)
+    cfg = resolve.load(None, tiny_overrides)
     result = run_search(cfg, tmp_path, log=quiet)
     assert result.status == "finished"
     files = sorted(p.name for p in result.run_dir.iterdir())
@@ -38,13 +38,13 @@ def test_run_directory_contents(tmp_path, tiny_overrides) -> None:
     assert summary["n_ticket"] == round(0.25 * summary["n_prunable"])
     assert summary["source_density"] == pytest.approx(0.5, abs=1e-3)
     assert summary["keep"] == pytest.approx(0.5, abs=1e-3)
-    assert config.load(result.run_dir / "config.toml") == cfg
+    assert resolve.load(result.run_dir / "config.toml") == cfg
     again = run_search(cfg, tmp_path, log=quiet)
     assert again.status == "skipped" and again.summary == summary
 
 
 def test_search_learns_the_planted_teacher(tmp_path, tiny_overrides) -> None:
-    cfg = config.load(None, [*tiny_overrides, "search.epochs=8", "data.train_size=2048",
+    cfg = resolve.load(None, [*tiny_overrides, "search.epochs=8", "data.train_size=2048",
                              "model.hidden=[64, 64]", "model.init=signed_constant"])
     summary = run_search(cfg, tmp_path, log=quiet).summary
     # 3 balanced-ish classes: chance is about 1/3
@@ -52,7 +52,7 @@ def test_search_learns_the_planted_teacher(tmp_path, tiny_overrides) -> None:
 
 
 def test_interrupted_run_resumes_to_the_same_ticket(tmp_path, tiny_overrides) -> None:
-    cfg = config.load(None, [*tiny_overrides, "search.epochs=4", "search.warmup_epochs=1"])
+    cfg = resolve.load(None, [*tiny_overrides, "search.epochs=4", "search.warmup_epochs=1"])
     straight = run_search(cfg, tmp_path / "a", log=quiet)
     first = run_search(cfg, tmp_path / "b", stop_after_epochs=2, log=quiet)
     assert first.status == "stopped" and not (first.run_dir / "ticket.slt").exists()
@@ -72,7 +72,7 @@ def test_interrupted_run_resumes_to_the_same_ticket(tmp_path, tiny_overrides) ->
 
 
 def test_global_scope_run(tmp_path, tiny_overrides) -> None:
-    cfg = config.load(None, [*tiny_overrides, "search.scope=global"])
+    cfg = resolve.load(None, [*tiny_overrides, "search.scope=global"])
     summary = run_search(cfg, tmp_path, log=quiet).summary
     assert summary["n_ticket"] == round(0.25 * summary["n_prunable"])
 
@@ -83,7 +83,7 @@ def test_diverged_scores_are_one_clear_error(tmp_path, tiny_overrides, monkeypat
 
     monkeypatch.setattr(EdgePopup, "init_scores",
                         lambda self, layer, gen: torch.full((layer.n_source,), float("nan")))
-    cfg = config.load(None, tiny_overrides)
+    cfg = resolve.load(None, tiny_overrides)
     with pytest.raises(SltError, match=r"epoch 1: non-finite score .* lower search.lr"):
         run_search(cfg, tmp_path, log=quiet)
 
@@ -91,7 +91,7 @@ def test_diverged_scores_are_one_clear_error(tmp_path, tiny_overrides, monkeypat
 def test_corrupt_checkpoint_is_one_clear_error(tmp_path, tiny_overrides) -> None:
     from slt.errors import SltError
 
-    cfg = config.load(None, [*tiny_overrides, "search.epochs=3"])
+    cfg = resolve.load(None, [*tiny_overrides, "search.epochs=3"])
     first = run_search(cfg, tmp_path, stop_after_epochs=1, log=quiet)
     (first.run_dir / "checkpoint.pt").write_bytes(b"garbage")
     with pytest.raises(SltError, match="checkpoint.pt is unreadable"):

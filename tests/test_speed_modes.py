@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slt import config, ticket
+from slt import config, resolve, ticket
 from slt.search import run_search
 from tests.conftest import TINY
 
@@ -20,8 +20,8 @@ def masks(result) -> list[torch.Tensor]:
 
 
 def test_speed_modes_leave_the_run_id_of_existing_runs_alone() -> None:
-    base = config.load("quick.toml", TINY)
-    same = config.load("quick.toml", [*TINY, "run.precision=fp32", "run.channels_last=false",
+    base = resolve.load("quick.toml", TINY)
+    same = resolve.load("quick.toml", [*TINY, "run.precision=fp32", "run.channels_last=false",
                                       "run.compile=false", "run.deterministic=true",
                                       "run.checkpoint_every=5", "data.stream=false",
                                       "data.workers=7"])
@@ -29,12 +29,12 @@ def test_speed_modes_leave_the_run_id_of_existing_runs_alone() -> None:
     # modes that may round differently are runs of their own
     for key in ("run.precision=bf16", "run.deterministic=false", "data.train_limit=100",
                 "run.channels_last=true", "run.compile=true"):
-        assert config.run_id(config.load("quick.toml", [*TINY, key])) != config.run_id(base)
+        assert config.run_id(resolve.load("quick.toml", [*TINY, key])) != config.run_id(base)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_every_precision_resumes_inside_an_epoch_to_the_same_ticket(tmp_path, precision):
-    cfg = config.load("quick.toml", [*TINY, "data.train_size=640", "search.epochs=2",
+    cfg = resolve.load("quick.toml", [*TINY, "data.train_size=640", "search.epochs=2",
                                      "run.checkpoint_every=3", f"run.precision={precision}"])
     straight = run_search(cfg, tmp_path / "a", log=quiet)
     assert run_search(cfg, tmp_path / "b", stop_after_steps=2, log=quiet).status == "stopped"
@@ -49,8 +49,8 @@ def test_every_precision_resumes_inside_an_epoch_to_the_same_ticket(tmp_path, pr
 @pytest.mark.slow
 def test_a_compiled_forward_finds_the_same_ticket(tmp_path) -> None:
     overrides = [*TINY, "data.train_size=512", "search.epochs=1"]
-    plain = run_search(config.load("quick.toml", overrides), tmp_path / "a", log=quiet)
-    compiled = run_search(config.load("quick.toml", [*overrides, "run.compile=true"]),
+    plain = run_search(resolve.load("quick.toml", overrides), tmp_path / "a", log=quiet)
+    compiled = run_search(resolve.load("quick.toml", [*overrides, "run.compile=true"]),
                           tmp_path / "b", log=quiet)
     assert all(torch.equal(a, b) for a, b in zip(masks(plain), masks(compiled)))
     assert compiled.summary["final_test_acc"] == plain.summary["final_test_acc"]
@@ -63,7 +63,7 @@ def test_bf16_matches_fp32_on_mnist_within_noise(tmp_path, shared_data) -> None:
     docs/scaling.md); one seed and one epoch here, allowed 1.5 points apart."""
     accs = {}
     for precision in ("fp32", "bf16"):
-        cfg = config.load("mnist_lenet.toml", [f"data.root={shared_data}", "search.epochs=1",
+        cfg = resolve.load("mnist_lenet.toml", [f"data.root={shared_data}", "search.epochs=1",
                                                f"run.precision={precision}",
                                                "run.progress=false"])
         accs[precision] = run_search(cfg, tmp_path, log=quiet).summary["final_test_acc"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slt import config, ticket
+from slt import resolve, ticket
 from slt.data import Batches, load_data
 from slt.errors import TicketError
 from slt.search import evaluate, run_search
@@ -17,7 +17,7 @@ def quiet(_: str) -> None:
 
 @pytest.fixture
 def finished(tmp_path, tiny_overrides):
-    cfg = config.load(None, [*tiny_overrides, "source.scheme=erk"])
+    cfg = resolve.load(None, [*tiny_overrides, "source.scheme=erk"])
     return cfg, run_search(cfg, tmp_path, log=quiet)
 
 
@@ -73,7 +73,7 @@ def _accuracy(path, cfg) -> float:
 
 
 def test_other_torch_needs_embedded_weights(tmp_path, tiny_overrides, monkeypatch) -> None:
-    cfg = config.load(None, tiny_overrides)
+    cfg = resolve.load(None, tiny_overrides)
     plain = run_search(cfg, tmp_path / "p", log=quiet)
     embedded = run_search(cfg, tmp_path / "e", embed_weights=True, log=quiet)
     plain_path, embedded_path = plain.run_dir / "ticket.slt", embedded.run_dir / "ticket.slt"

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from slt import cuda_topk
+from slt import cuda_topk, resolve
 from slt.errors import NonFiniteScoreError
 from slt.topk import _torch_segmented, segmented_topk_mask
 
@@ -109,10 +109,10 @@ def test_non_finite_is_an_error(bad: float) -> None:
 
 def test_search_gives_the_same_ticket_with_either_path(tmp_path, tiny_overrides,
                                                        monkeypatch) -> None:
-    from slt import config, ticket
+    from slt import ticket
     from slt.search import run_search
 
-    cfg = config.load(None, [*tiny_overrides, "run.device=cuda", "model.hidden=[64, 64]"])
+    cfg = resolve.load(None, [*tiny_overrides, "run.device=cuda", "model.hidden=[64, 64]"])
     with_kernel = run_search(cfg, tmp_path / "kernel", log=lambda _: None)
     torch_only = cuda_topk.KernelGate(cuda_topk.build_kernel)
     torch_only.disabled = "turned off by the test"  # silently: no warning

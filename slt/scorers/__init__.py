@@ -23,7 +23,7 @@ __all__ = ["SCORERS", "Budget", "EpochContext", "Scorer", "StraightThroughTopK",
 def scorer_class(name: str) -> type[Scorer]:
     """The registered rule `name`, checked to be a Scorer whose declared optimizer settings
     name real search.* keys with possible values (a ConfigError otherwise)."""
-    from slt.config import rule_optimizer
+    from slt.resolve import rule_optimizer
 
     cls = SCORERS.get(name)
     if not (isinstance(cls, type) and issubclass(cls, Scorer)):
@@ -36,10 +36,10 @@ def scorer_class(name: str) -> type[Scorer]:
 
 def scorer_options(name: str, given: dict[str, Any]) -> Any:
     """The validated Options of rule `name` from its [search.scorer] table."""
-    from slt.config import _coerce
+    from slt.config import coerce
     from slt.scorers.base import options_of
 
-    return options_of(scorer_class(name), given, _coerce)
+    return options_of(scorer_class(name), given, coerce)
 
 
 def create_scorer(name: str, options: dict[str, Any] | None = None) -> Scorer:

@@ -99,7 +99,7 @@ class Scorer(ABC):
     `ticket_weights(layer)` for every searched layer; `optimizer`, the search.* settings
     the rule needs to learn at all (e.g. {"lr": 10.0} for a rule whose gradients are
     small), used wherever the user's config file and --set leave them unset. Keys are
-    limited to `slt.config.OPTIMIZER_KEYS`; anything else makes the rule unusable.
+    limited to `slt.resolve.OPTIMIZER_KEYS`; anything else makes the rule unusable.
     """
 
     name: ClassVar[str] = ""
@@ -173,8 +173,7 @@ class Scorer(ABC):
 
 def options_of(cls: type[Scorer], given: dict[str, Any], coerce: Any) -> Any:
     """The rule's Options from a [search.scorer] table; unknown names are config errors."""
-    from slt.errors import ConfigError
-    from slt.registry import did_you_mean
+    from slt.errors import ConfigError, did_you_mean
 
     known = {f.name: f for f in dataclasses.fields(cls.Options)}
     for key in given:
