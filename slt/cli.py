@@ -103,6 +103,18 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_id(args: argparse.Namespace) -> int:
+    from slt.config import hashed_values, legacy_run_id, run_id
+
+    cfg = _load(args)
+    print(run_id(cfg))
+    if args.verbose:
+        for key, value in sorted(hashed_values(cfg).items()):
+            print(f"  {key} = {value!r}")
+        print(f"  (before only changed values were hashed: {legacy_run_id(cfg)})")
+    return 0
+
+
 def cmd_config_keys(args: argparse.Namespace) -> int:
     from slt.config import describe
 
@@ -160,6 +172,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for key in overrides:
         check_key(key, "--set")
     check_alternatives(overrides, "--set")
+    if args.launcher != "local":
+        return _launch(args, sweep, overrides)
+    if args.launcher_overrides or args.wait:
+        raise SltError("--launcher-set and --wait go with --launcher slurm or submitit-local")
     outcome = run_sweep(sweep, args.out, args.workers, overrides, progress=not args.no_progress)
     busy = f"{len(outcome.busy)} being run by another process, " if outcome.busy else ""
     print(f"{len(outcome.done)} runs done, {len(outcome.failed)} failed, {busy}"
@@ -170,6 +186,54 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         path = write_report(args.out)
         print(f"report: {path}")
     return 1 if outcome.failed else 0
+
+
+def _launch(args: argparse.Namespace, sweep: object, overrides: dict) -> int:
+    """The sweep's points as jobs: queue them, print the job ids; with --wait, follow them
+    to the end and write the report."""
+    import time
+
+    from tqdm import tqdm
+
+    from slt.launch import parse_resources
+    from slt.status import format_status, sweep_status, unsettled
+    from slt.sweep import launch_sweep
+
+    resources = parse_resources(sweep.launcher, args.launcher_overrides,  # type: ignore[attr-defined]
+                                f"{sweep.path} [launcher]")  # type: ignore[attr-defined]
+    sent = launch_sweep(sweep, args.out, args.launcher, resources, overrides)  # type: ignore[arg-type]
+    for rid, jid in sent.jobs.items():
+        print(f"queued {rid}: job {jid}")
+    print(f"{len(sent.jobs)} jobs queued ({args.launcher}), {len(sent.finished)} runs finished "
+          f"already, {len(sent.running)} being run -> {args.out}")
+    if not args.wait:
+        print(f"follow them with: slt sweep status {args.out}")
+        return 0
+    states = sweep_status(args.out)
+    bar = tqdm(total=len(states), desc="points", unit="run", disable=args.no_progress,
+               dynamic_ncols=True)
+    while True:
+        bar.n = len(states) - unsettled(states)
+        bar.refresh()
+        if not unsettled(states):
+            break
+        time.sleep(args.poll)
+        states = sweep_status(args.out)
+    bar.close()
+    print(format_status(states))
+    if not args.no_report:
+        from slt.report import write_report
+
+        print(f"report: {write_report(args.out)}")
+    return 1 if any(s.state in ("failed", "interrupted") for s in states) else 0
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> int:
+    from slt.status import format_status, sweep_status
+
+    states = sweep_status(args.out)
+    print(format_status(states))
+    return 1 if any(s.state == "failed" for s in states) else 0
 
 
 def cmd_scorers(args: argparse.Namespace) -> int:
@@ -208,6 +272,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def status_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="slt sweep status", description="Where every point of a sweep stands: one line "
+        "per point (finished with its accuracy, running with its epoch, queued, interrupted, "
+        "failed with the reason) and a summary line. Exit 1 when a point failed.")
+    p.add_argument("out", help="the sweep's --out folder")
+    p.set_defaults(func=cmd_sweep_status, command="sweep-status")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slt", description="Strong-lottery-ticket search inside random sparse sources.")
@@ -223,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("sweep", help="run a grid of searches from a sweep file, then report")
+    p = sub.add_parser("sweep", help="run a grid of searches from a sweep file, then report "
+                       "(slt sweep status OUT: where each point stands)")
     p.add_argument("sweep", help="sweep TOML (base config, [set], [axes]); a path or the name "
                    "of a packaged sweep such as demo_sweep.toml")
     p.add_argument("--out", default="runs", help="folder of run directories (default: runs)")
@@ -232,6 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a key in every point, e.g. --set data.root=PATH")
     p.add_argument("--no-report", action="store_true", help="do not write the report")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--launcher", choices=["local", "slurm", "submitit-local"], default="local",
+                   help="local: worker processes here (default); slurm: one SLURM job per "
+                   "point through submitit; submitit-local: the same jobs on this machine")
+    p.add_argument("--launcher-set", dest="launcher_overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a key of the sweep's [launcher] table, "
+                   "e.g. --launcher-set partition=gpu (repeatable)")
+    p.add_argument("--wait", action="store_true",
+                   help="with a job launcher: follow the jobs until all end, then report")
+    p.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="tables and plots from a folder of run directories")
@@ -259,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = csub.add_parser("show", help="print the fully resolved config")
     _add_config_args(c, required=False)
     c.set_defaults(func=cmd_config_show)
+    c = csub.add_parser("id", help="print the run directory name of a config (its run id)")
+    _add_config_args(c, required=False)
+    c.add_argument("-v", "--verbose", action="store_true",
+                   help="also the values that make it: every key set away from its default")
+    c.set_defaults(func=cmd_config_id)
     c = csub.add_parser("keys", help="list every config key with its default and help")
     c.set_defaults(func=cmd_config_keys)
     p = sub.add_parser("bench", help="benchmarks")
@@ -318,7 +407,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = default_argv()
-    args = build_parser().parse_args(argv)
+    if argv[:2] == ["sweep", "status"]:  # `slt sweep status OUT`, beside `slt sweep FILE`
+        args = status_parser().parse_args(argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
     resumable = args.command in ("search", "sweep")
     previous = signal.signal(signal.SIGTERM, _terminate)  # SLURM's way to stop a job
     try:

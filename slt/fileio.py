@@ -9,8 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from slt.errors import storage_error
 
 
@@ -55,5 +53,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def atomic_torch_save(path: str | os.PathLike[str], obj: Any) -> None:
     buf = io.BytesIO()
+    import torch  # here: what only reads and writes text needs no torch
+
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())

@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from slt.analysis import fmt_pct, jaccard, mean_std, surviving, surviving_fraction
-from slt.config import NOT_HASHED, Config, config_hash, dense_source, from_dict, read_toml
+from slt.config import (
+    NOT_HASHED,
+    Config,
+    config_hash,
+    config_hashes,
+    dense_source,
+    from_dict,
+    read_toml,
+)
 from slt.errors import SltError, storage_error
 from slt.fileio import atomic_write_text
 from slt.rundir import (
@@ -123,7 +131,7 @@ def _load_run(path: Path) -> Run | Unreadable:
         return Unreadable(path, str(exc))
     except UnicodeDecodeError as exc:
         return Unreadable(path, f"{CONFIG} is not UTF-8 text ({exc.reason})")
-    summary, problem = read_summary(path, config_hash(cfg))
+    summary, problem = read_summary(path, config_hashes(cfg))
     if problem:
         repair = "" if "cannot be read" in problem else \
             "; rerun its search to rebuild it from the checkpoint"

@@ -20,11 +20,14 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slt.errors import storage_error
+
+if TYPE_CHECKING:
+    from slt.config import Config
 
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
@@ -33,6 +36,7 @@ TICKET = "ticket.slt"
 SUMMARY = "summary.json"
 ERROR = "error.json"
 LOCK = ".lock"
+MAGIC = b"SLTTICK1"  # a ticket file's first bytes (slt.ticket writes it)
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, TICKET, SUMMARY, ERROR)
 
 # errno values of a filesystem that does not implement flock (NFS mounted with `nolock`,
@@ -214,11 +218,12 @@ def _number(value: Any) -> bool:
         and math.isfinite(value)
 
 
-def read_summary(run_dir: Path, expect_hash: str | None = None
+def read_summary(run_dir: Path, expect_hash: str | Collection[str] | None = None
                  ) -> tuple[dict[str, Any] | None, str]:
     """(summary, "") for a finished run; (None, "") for a run without a summary; (None,
     what is wrong) when summary.json or the ticket it vouches for is damaged. A run counts as
-    finished only on a summary that parses, has its figures and matches an intact ticket."""
+    finished only on a summary that parses, has its figures and matches an intact ticket.
+    `expect_hash` may name several hashes (config.config_hashes: today's and the legacy)."""
     summary, problem = read_json(run_dir / SUMMARY)
     if summary is None:
         return None, problem
@@ -232,7 +237,8 @@ def read_summary(run_dir: Path, expect_hash: str | None = None
         return None, f"{SUMMARY} lacks a valid per-layer table (layers)"
     if not isinstance(summary.get("config_hash"), str):
         return None, f"{SUMMARY} lacks its config_hash"
-    if expect_hash is not None and summary["config_hash"] != expect_hash:
+    allowed = (expect_hash,) if isinstance(expect_hash, str) else expect_hash
+    if allowed is not None and summary["config_hash"] not in allowed:
         return None, f"{SUMMARY} belongs to another config (hash {summary.get('config_hash')})"
     ticket_problem = ticket_damage(run_dir / TICKET, summary["config_hash"])
     if ticket_problem:
@@ -240,12 +246,36 @@ def read_summary(run_dir: Path, expect_hash: str | None = None
     return summary, ""
 
 
+def locate_run(out_root: Path, cfg: Config) -> Path:
+    """The run directory of `cfg` under `out_root`. A run written under its legacy name
+    (before run ids hashed only changed values) is renamed to today's name once, when no
+    process holds it; a held one is used where it is, so its writer is not pulled away."""
+    from slt.config import legacy_run_id, run_id
+
+    path = Path(out_root) / run_id(cfg)
+    old = Path(out_root) / legacy_run_id(cfg)
+    try:
+        if path.exists() or old == path or not old.is_dir():
+            return path
+    except OSError:  # a name too long, a folder not readable: creating the run says so
+        return path
+    try:
+        with RunLock(old) as lock:
+            if not lock.acquire(wait=False, record=False):
+                return old
+            os.rename(old, path)  # the lock's inode moves with it and is released after
+    except FileNotFoundError:
+        pass  # renamed by another process meanwhile
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise storage_error(exc, f"rename {old} to", path) from None
+    return path
+
+
 def ticket_damage(path: Path, expect_hash: str | None = None) -> str:
     """What is wrong with a ticket file ("" when it is intact): missing, unreadable,
     truncated, failing its checksum, or (with `expect_hash`) another config's ticket.
     Cheaper than loading it: the header alone is parsed."""
-    from slt.ticket import MAGIC
-
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

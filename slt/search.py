@@ -28,7 +28,7 @@ from tqdm import tqdm
 from slt import ticket as ticket_io
 from slt import topk
 from slt.capacity import allocation_error, allocation_errors, check_fits
-from slt.config import Config, config_hash, run_id, to_toml
+from slt.config import Config, config_hash, config_hashes, to_toml
 from slt.data import Batches, open_batches
 from slt.errors import ConfigError, NonFiniteScoreError, SltError, first_line, storage_error
 from slt.fileio import atomic_torch_save, atomic_write_text
@@ -43,12 +43,14 @@ from slt.rundir import (
     TICKET,
     RunLock,
     clean_temp_files,
+    locate_run,
     locked_by,
     read_metrics,
     read_summary,
 )
 from slt.scorers import EpochContext
 from slt.stream import StreamBatches
+from slt.tblog import TensorBoardLog, check_available
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def _load_checkpoint(path: Path, device: torch.device, cfg: Config) -> dict[str,
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
         raise SltError(f"{path} is not a checkpoint of slt (no {', '.join(missing)}): {fix}")
-    if ckpt["config_hash"] != config_hash(cfg):
+    if ckpt["config_hash"] not in config_hashes(cfg):
         raise SltError(f"{path} belongs to another config: {fix}")
     epoch = ckpt["epoch"]
     if not isinstance(epoch, int) or not 0 <= epoch <= cfg.search.epochs:
@@ -121,6 +123,7 @@ def run_search(
     log: Callable[[str], None] = print,
     on_busy: str = "wait",
     platform: Platform | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> SearchResult:
     """Run (or resume, or skip) the search that `cfg` describes under `out_root`.
 
@@ -128,6 +131,8 @@ def run_search(
     `on_busy = "wait"` waits for it and `"skip"` returns at once with status "busy". On a
     `platform` of several processes (torchrun), rank 0 decides and writes; every rank trains.
     `stop_after_epochs` / `stop_after_steps` stop early, as an interruption would.
+    `stop_requested` (a preemption notice, say) is asked after every step: when it answers
+    True the search checkpoints where it is and returns with status "stopped".
     """
     platform = platform or Platform.local(resolve_device(cfg.run.device))
     if not platform.is_main:
@@ -138,10 +143,22 @@ def run_search(
     if cfg.search.batch_size % platform.world:
         raise ConfigError(f"search.batch_size ({cfg.search.batch_size}) must be a multiple of "
                           f"the number of processes ({platform.world}): it is the global batch")
-    run_dir = Path(out_root) / run_id(cfg)
+    check_available(cfg)  # run.tensorboard without the package: one line, nothing written
+    # rank 0 finds the directory (a legacy name renamed once); every rank uses its answer
+    found = None
+    if platform.is_main:
+        try:
+            found = str(locate_run(Path(out_root), cfg))
+        finally:
+            found = platform.broadcast(found)  # None tells the others rank 0 failed
+    else:
+        found = platform.broadcast(None)
+    if found is None:
+        raise SltError("rank 0 could not open the run directory (its error says why)")
+    run_dir = Path(found)
     early = None
     if platform.is_main:
-        summary, _ = read_summary(run_dir, config_hash(cfg))
+        summary, _ = read_summary(run_dir, config_hashes(cfg))
         if summary is not None:
             early = ("skipped", summary)
         elif on_busy == "skip" and (holder := locked_by(run_dir)):
@@ -170,7 +187,8 @@ def run_search(
         if status != "run":
             return SearchResult(run_dir, status, None)
         return _search(cfg, run_dir, batches, net, platform, stop_after_epochs,
-                       stop_after_steps, embed_weights, log)
+                       stop_after_steps, embed_weights, log,
+                           stop_requested)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -194,7 +212,7 @@ def run_search(
         if lock.unsupported:
             log(f"warning: {run_dir} cannot be locked ({lock.unsupported}): nothing stops "
                 "another process from writing this run at the same time")
-        summary, problem = read_summary(run_dir, config_hash(cfg))
+        summary, problem = read_summary(run_dir, config_hashes(cfg))
         if summary is not None:  # the writer we waited for finished it
             platform.broadcast("skipped")
             return _finished_already(run_dir, summary, embed_weights, log, locked=True)
@@ -212,7 +230,8 @@ def run_search(
         platform.broadcast("run")
         try:
             return _search(cfg, run_dir, batches, net, platform, stop_after_epochs,
-                           stop_after_steps, embed_weights, log)
+                           stop_after_steps, embed_weights, log,
+                           stop_requested)
         except Exception as exc:  # recorded for `slt report`, then raised
             error = allocation_error(cfg, exc, spec)  # out of memory: one line
             _record_error(cfg, run_dir, error or exc)
@@ -223,6 +242,10 @@ def run_search(
 
 def _quiet(_: str) -> None:
     pass
+
+
+def _never() -> bool:
+    return False
 
 
 def _finished_already(run_dir: Path, summary: dict[str, Any], embed_weights: bool,
@@ -297,6 +320,8 @@ class Search:
             self.optimizer, lambda step: lr_factor(step, total_steps, warmup_steps))
         self.progress = Progress()
         self.scorer_state: dict[str, Any] = {}
+        self.stop_requested: Callable[[], bool] = _never
+        self.stopping = False  # a stop was asked for: checkpoint and return at the next chance
         run = cfg.run
         if platform.device.type == "cuda":  # the same ticket on resume needs determinism
             torch.backends.cudnn.deterministic = run.deterministic
@@ -310,6 +335,7 @@ class Search:
         if self.channels_last:
             net.body.to(memory_format=torch.channels_last)
         self.forward = torch.compile(net) if run.compile else net
+        self.tb: TensorBoardLog | None = None  # opened by _search once restored
 
     # --- restore --------------------------------------------------------------------------
 
@@ -387,10 +413,15 @@ class Search:
         with topk.deferred_checks():  # no wait for the GPU each step to read the kernel's flag
             for step, (x, y) in enumerate(bar, start=start):
                 global_n = min(s.batch_size, n_train - step * s.batch_size)
+                lr = self.optimizer.param_groups[0]["lr"]  # this step's (a host float)
                 with self.diverged(epoch):
                     loss, out = self.step(x, y, global_n)
+                    if self.tb is not None:
+                        self.tb.step(loss, lr)  # kept on the device until written
                     if step % CHECK_EVERY == CHECK_EVERY - 1:
                         topk.check_deferred()
+                        if self.tb is not None:
+                            self.tb.write_steps()
                 loss_sum += loss.detach() * (y.numel() if platform.world == 1 else global_n)
                 correct += (out.argmax(1) == y).sum()
                 seen += y.numel()
@@ -398,6 +429,12 @@ class Search:
                 if cfg.run.progress and platform.is_main and step % 25 == 0:
                     bar.set_postfix(loss=f"{float(loss_sum) / max(seen, 1):.3f}")
                 last = step + 1 == self.steps_per_epoch
+                if self.stop_asked(step, last) and not last:
+                    p.elapsed += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    self.checkpoint_inside(epoch, step + 1, loss_sum, correct, seen)
+                    bar.close()
+                    return False
                 if every and (step + 1) % every == 0 and not last:
                     p.elapsed += time.perf_counter() - t0
                     t0 = time.perf_counter()
@@ -411,6 +448,17 @@ class Search:
         p.elapsed += time.perf_counter() - t0
         self.finish_epoch(epoch, float(loss_sum), float(correct), seen, epoch_start)
         return True
+
+    def stop_asked(self, step: int, last: bool) -> bool:
+        """Whether to stop after this step. Alone: asked every step. In a group: rank 0's
+        answer, shared every CHECK_EVERY steps and at the epoch's end, so every rank stops
+        at the same step (a collective per step would stall the stream)."""
+        if self.platform.world == 1:
+            self.stopping = self.stopping or self.stop_requested()
+        elif last or step % CHECK_EVERY == CHECK_EVERY - 1:
+            asked = self.stop_requested() if self.platform.is_main else False
+            self.stopping = self.platform.sum([float(asked)])[0] > 0
+        return self.stopping
 
     def checkpoint_inside(self, epoch: int, steps_done: int, loss_sum: Tensor,
                           correct: Tensor, seen: float) -> float:
@@ -491,13 +539,18 @@ class Search:
                     fh.write(json.dumps(row) + "\n")
             except OSError as exc:
                 raise storage_error(exc, "write", path) from None
+        if self.tb is not None:
+            self.tb.epoch(row, epoch * self.steps_per_epoch)
         self.checkpoint(epoch, {})
         self.log(f"epoch {epoch}/{self.cfg.search.epochs}  train loss {row['train_loss']:.4f} "
                  f"acc {row['train_acc']:.4f}  test acc {p.test_acc:.4f}")
 
     def checkpoint(self, epochs_done: int, scorer_state: dict[str, Any]) -> None:
         """The one checkpoint record, written atomically by rank 0; BatchNorm statistics are
-        the group's mean first, so every rank resumes from the same state."""
+        the group's mean first, so every rank resumes from the same state. The event files
+        are flushed first: they never lack a step that the checkpoint holds."""
+        if self.tb is not None:
+            self.tb.flush()
         self.platform.average_buffers(self.net.body)
         self.progress.epoch = epochs_done
         if not self.platform.is_main:
@@ -545,9 +598,11 @@ class Search:
 
 def _search(cfg: Config, run_dir: Path, batches: Batches | StreamBatches, net: SltNetwork,
             platform: Platform, stop_after_epochs: int | None, stop_after_steps: int | None,
-            embed_weights: bool, log: Callable[[str], None]) -> SearchResult:
+            embed_weights: bool, log: Callable[[str], None],
+            stop_requested: Callable[[], bool] | None = None) -> SearchResult:
     """The search, in a run directory rank 0 holds the lock of: restore, epochs, finish."""
     search = Search(cfg, run_dir, batches, net, platform, log)
+    search.stop_requested = stop_requested or _never
     search.restore()
     here = (search.progress.epoch, search.progress.step)
     first = platform.broadcast(here)
@@ -557,12 +612,20 @@ def _search(cfg: Config, run_dir: Path, batches: Batches | StreamBatches, net: S
                        "filesystem that every node shares")
     if platform.is_main:
         search.repair_metrics()
-    epochs_now = 0
-    for epoch in range(search.progress.epoch + 1, cfg.search.epochs + 1):
-        if not search.train_epoch(epoch, stop_after_steps):
-            return SearchResult(run_dir, "stopped", None)
-        epochs_now += 1
-        if stop_after_epochs is not None and epochs_now >= stop_after_epochs \
-                and epoch < cfg.search.epochs:
-            return SearchResult(run_dir, "stopped", None)
-    return search.finish(embed_weights)
+    if cfg.run.tensorboard:  # appends after the checkpoint's step, dropping anything later
+        p = search.progress
+        search.tb = TensorBoardLog(run_dir, p.epoch * search.steps_per_epoch + p.step, platform)
+    try:
+        epochs_now = 0
+        for epoch in range(search.progress.epoch + 1, cfg.search.epochs + 1):
+            if not search.train_epoch(epoch, stop_after_steps) or (
+                    search.stopping and epoch < cfg.search.epochs):
+                return SearchResult(run_dir, "stopped", None)
+            epochs_now += 1
+            if stop_after_epochs is not None and epochs_now >= stop_after_epochs \
+                    and epoch < cfg.search.epochs:
+                return SearchResult(run_dir, "stopped", None)
+        return search.finish(embed_weights)
+    finally:
+        if search.tb is not None:
+            search.tb.close()

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import signal
+import socket
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -38,7 +39,7 @@ from slt.config import (
     Config,
     check_alternatives,
     check_key,
-    config_hash,
+    config_hashes,
     read_toml,
     resolve_config_path,
     run_id,
@@ -48,10 +49,10 @@ from slt.config import (
 from slt.errors import ConfigError, SltError
 from slt.fileio import atomic_write_text
 from slt.resolve import resolve
-from slt.rundir import CONFIG, ERROR, RunLock, read_summary
+from slt.rundir import CONFIG, ERROR, RunLock, locate_run, read_summary
 
 THEORY = "theory"
-SWEEP_KEYS = ("base", "set", "axes")
+SWEEP_KEYS = ("base", "set", "axes", "launcher")
 
 
 def theory_width(density: float) -> float:
@@ -110,6 +111,7 @@ class Sweep:
     base: dict[str, Any]
     fixed: dict[str, Any]
     axes: dict[str, list[Any]] = field(default_factory=dict)
+    launcher: dict[str, Any] = field(default_factory=dict)  # [launcher]: jobs' resources
 
     def points(self, overrides: dict[str, Any] | None = None) -> list[Point]:
         """Every grid point in axis order (the last axis varies fastest). A command-line
@@ -149,7 +151,8 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
     raw = read_toml(p)
     for key in raw:
         if key not in SWEEP_KEYS:
-            raise ConfigError(f"{p}: unknown sweep key '{key}' (expected base, [set], [axes])")
+            raise ConfigError(f"{p}: unknown sweep key '{key}' (expected base, [set], [axes], "
+                              "[launcher])")
     if "base" in raw:
         if not isinstance(raw["base"], str):
             raise ConfigError(f"{p}: base must be the path of a config file")
@@ -167,7 +170,10 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
     for dotted, value in fixed.items():
         if value == THEORY and dotted != "model.width":
             raise ConfigError(f"{p} [set]: '{THEORY}' is only a value of model.width")
-    return Sweep(p, base, fixed, axes)
+    launcher = raw.get("launcher", {})
+    if not isinstance(launcher, dict):
+        raise ConfigError(f"{p}: [launcher] must be a table of keys")
+    return Sweep(p, base, fixed, axes, launcher)
 
 
 # --- running ---------------------------------------------------------------------------
@@ -177,8 +183,8 @@ def _write_error(cfg: Config, out_root: Path, message: str, detail: str) -> None
     """error.json (and config.toml) for a point that failed; best effort: the failure may be
     the disk itself, and the sweep must go on either way. Under the run's lock: when another
     process has taken the point meanwhile, its live run is not marked failed."""
-    run_dir = out_root / run_id(cfg)
     try:
+        run_dir = locate_run(out_root, cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(run_dir) as lock:
             if not lock.acquire(wait=False):
@@ -191,14 +197,18 @@ def _write_error(cfg: Config, out_root: Path, message: str, detail: str) -> None
         pass
 
 
-def run_point(cfg: Config, out_root: str) -> tuple[str, str]:
+def run_point(cfg: Config, out_root: str, stop_requested: Callable[[], bool] | None = None,
+              platform: Any = None, log: Callable[[str], None] | None = None
+              ) -> tuple[str, str]:
     """Run one point; never raises. Returns (status, error message). A point that another
-    process is writing is skipped (status "busy"), so sweeps side by side split the grid."""
+    process is writing is skipped (status "busy"), so sweeps side by side split the grid.
+    A cluster job passes its preemption notice (`stop_requested`) and its `platform`."""
     from slt.search import run_search
 
     root = Path(out_root)
     try:
-        result = run_search(cfg, root, log=lambda _: None, on_busy="skip")
+        result = run_search(cfg, root, log=log or (lambda _: None), on_busy="skip",
+                            platform=platform, stop_requested=stop_requested)
         return result.status, ""
     except Exception as exc:  # recorded, not raised: one point must not stop the sweep
         message = str(exc) if isinstance(exc, SltError) else f"{type(exc).__name__}: {exc}"
@@ -352,28 +362,10 @@ def run_sweep(sweep: Sweep, out_root: str | os.PathLike[str], workers: int = 1,
     record is written at the end whatever happened to the points."""
     root = Path(out_root)
     overrides = dict(overrides or {})
-    points = sweep.points(overrides)
-    outcome = SweepOutcome(skipped=[p for p in points if p.config is None])
-    todo = [p for p in points if p.config is not None]
-    # Points with one run id compute the same thing (every scheme at density 1, or width 1
-    # and "theory" there): run each once.
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    unique: dict[str, Point] = {}
-    for p in todo:
-        assert p.config is not None
-        unique.setdefault(run_id(p.config), Point(p.values, _with_threads(p.config, threads)))
-    outcome.points = todo
-    for p in outcome.skipped:
-        log(f"skipped ({p.label()}): {p.skipped}")
-    if not unique:
-        reason = outcome.skipped[0].skipped if outcome.skipped else "the grid is empty"
-        raise ConfigError(f"no point of {sweep.path} is valid ({reason})")
+    outcome, unique = _plan(sweep, root, overrides, threads, log)
     log(f"sweep {sweep.path.name}: {len(unique)} runs, {len(outcome.skipped)} points skipped, "
         f"{workers} worker{'s' if workers != 1 else ''} -> {root}")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SltError(f"cannot create the sweep folder {root}: {exc.strerror}") from None
     t0 = time.perf_counter()
     bar = tqdm(total=len(unique), desc="points", unit="run", disable=not progress,
                dynamic_ncols=True)
@@ -394,8 +386,65 @@ def run_sweep(sweep: Sweep, out_root: str | os.PathLike[str], workers: int = 1,
     return outcome
 
 
+def _plan(sweep: Sweep, root: Path, overrides: dict[str, Any], threads: int,
+          log: Callable[[str], None]) -> tuple[SweepOutcome, dict[str, Point]]:
+    """The valid points, one per run id (points with one run id compute the same thing:
+    every scheme at density 1, or width 1 and "theory" there), each with `threads` torch
+    threads unless it sets its own (0: torch's default), and the output folder made."""
+    points = sweep.points(overrides)
+    outcome = SweepOutcome(skipped=[p for p in points if p.config is None])
+    todo = [p for p in points if p.config is not None]
+    unique: dict[str, Point] = {}
+    for p in todo:
+        assert p.config is not None
+        unique.setdefault(run_id(p.config), Point(p.values, _with_threads(p.config, threads)))
+    outcome.points = todo
+    for p in outcome.skipped:
+        log(f"skipped ({p.label()}): {p.skipped}")
+    if not unique:
+        reason = outcome.skipped[0].skipped if outcome.skipped else "the grid is empty"
+        raise ConfigError(f"no point of {sweep.path} is valid ({reason})")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SltError(f"cannot create the sweep folder {root}: {exc.strerror}") from None
+    return outcome, unique
+
+
+def launch_sweep(sweep: Sweep, out_root: str | os.PathLike[str], kind: str,
+                 resources: Any, overrides: dict[str, Any] | None = None,
+                 log: Callable[[str], None] = print) -> Any:
+    """Queue every valid point as a job (`kind`: "slurm" or "submitit-local") and write the
+    sweep record; returns launch.Submitted once the jobs are queued."""
+    from slt.launch import submit
+
+    root = Path(out_root)
+    overrides = dict(overrides or {})
+    # a job's threads: the cpus it asked for, else torch's own default
+    outcome, unique = _plan(sweep, root, overrides, resources.cpus_per_task, log)
+    points = [(rid, p.config, p.values) for rid, p in unique.items()]
+    t0 = time.perf_counter()
+    queued = SweepOutcome(skipped=outcome.skipped, points=outcome.points,
+                          done=[(p, "queued") for p in unique.values()])
+    # the record first, so `slt sweep status` knows every point while jobs are submitted
+    _write_manifest(sweep, root, queued, overrides, 0, 0.0, launcher=kind,
+                    submitter=os.getpid())
+    sent = submit(points, root, sweep.path.stem, kind, resources, log)
+    for rid, p in unique.items():
+        if rid in sent.finished:
+            outcome.done.append((p, "skipped"))
+        elif rid in sent.running:
+            outcome.busy.append(p)
+        else:
+            outcome.done.append((p, "queued"))
+    _write_manifest(sweep, root, outcome, overrides, 0, time.perf_counter() - t0,
+                    launcher=kind, jobs=sent.jobs)
+    return sent
+
+
 def _write_manifest(sweep: Sweep, root: Path, outcome: SweepOutcome, overrides: dict[str, Any],
-                    workers: int, seconds: float) -> None:
+                    workers: int, seconds: float, launcher: str = "local",
+                    jobs: dict[str, str] | None = None, submitter: int | None = None) -> None:
     """sweep-<name>.json in the output folder: the settings used (the file's [set] and the
     command line's --set), every point, its run id and its run's status (points that share
     a run share its status; "not run" after an interruption)."""
@@ -406,17 +455,22 @@ def _write_manifest(sweep: Sweep, root: Path, outcome: SweepOutcome, overrides: 
         status[run_id(p.config)] = {"status": "failed", "error": e}  # type: ignore[arg-type]
     for p in outcome.busy:  # finished by the other process since, or still running there
         rid = run_id(p.config)  # type: ignore[arg-type]
-        done = read_summary(root / rid, config_hash(p.config))[0]  # type: ignore[arg-type]
+        done = read_summary(root / rid, config_hashes(p.config))[0]  # type: ignore[arg-type]
         status[rid] = {"status": "finished elsewhere" if done else "running elsewhere"}
     rows: list[dict[str, Any]] = []
     for p in outcome.points:
         rid = run_id(p.config)  # type: ignore[arg-type]
-        rows.append({"values": p.values, "run_id": rid, **status.get(rid, {"status": "not run"})})
+        row = {"values": p.values, "run_id": rid, **status.get(rid, {"status": "not run"})}
+        if jobs and rid in jobs:
+            row["job_id"] = jobs[rid]
+        rows.append(row)
     rows += [{"values": p.values, "status": "skipped", "reason": p.skipped}
              for p in outcome.skipped]
     body = {"sweep": str(sweep.path), "base": sweep.base, "axes": sweep.axes,
             "set": sweep.fixed, "overrides": overrides, "workers": workers, "seconds": seconds,
-            "points": rows}
+            "launcher": launcher, "points": rows}
+    if submitter is not None:  # a launch still submitting: its points wait for it
+        body["submitter"] = {"pid": submitter, "host": socket.gethostname()}
     path = root / f"sweep-{sweep.path.stem}.json"
     try:
         atomic_write_text(path, json.dumps(body, indent=2, default=str) + "\n")

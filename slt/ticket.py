@@ -27,12 +27,12 @@ from torch import Tensor
 from slt.config import Config, config_hash, from_dict
 from slt.errors import TicketError
 from slt.fileio import atomic_write_bytes
+from slt.rundir import MAGIC
 from slt.spec import DataSpec
 
 if TYPE_CHECKING:
     from slt.network import SltNetwork
 
-MAGIC = b"SLTTICK1"
 FORMAT_VERSION = 1
 HEADER_KEYS = ("config", "config_hash", "spec", "torch", "weights_sha256", "embedded_weights",
                "metrics", "densities", "layers", "buffers")

@@ -1,0 +1,149 @@
+"""`slt sweep status OUT`: where every point of a sweep stands, while it runs.
+
+Read from what a sweep leaves under OUT and nothing else: the sweep records
+(`sweep-*.json`: its points and run ids), the jobs records of a cluster launch
+(`jobs-*.json`: run id -> job id), each run directory (summary, lock, metrics, error) and,
+for jobs, the scheduler's own state. A point is
+
+- finished (with its test accuracy), when its summary and ticket are intact;
+- running (with its epoch), while a process holds its run directory's lock;
+- failed (with the reason), from its error.json, or from the scheduler when its job ended
+  (cancelled, timed out, killed) without finishing;
+- queued, when its job waits for the scheduler (or starts);
+- interrupted, when it stopped midway and nothing runs it: rerunning the sweep resumes it;
+- not started, otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slt.errors import SltError
+from slt.rundir import RUN_FILES
+
+ENDED = {"CANCELLED", "TIMEOUT", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+         "BOOT_FAIL", "DEADLINE"}
+WAITING = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
+           "SUSPENDED"}
+
+
+@dataclass(frozen=True)
+class PointState:
+    run_id: str
+    state: str  # finished, running, failed, queued, interrupted, not started
+    detail: str  # accuracy, epoch, reason, job id
+    values: dict[str, Any]
+
+
+def _points(root: Path) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """run id -> axis values, from every sweep record under `root` (points sharing a run
+    appear once); and the run ids a launch that is still submitting has yet to send."""
+    out: dict[str, dict[str, Any]] = {}
+    waiting: set[str] = set()
+    for path in sorted(root.glob("sweep-*.json")):
+        try:
+            body = json.loads(path.read_text())
+            rows = body["points"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        submitter = body.get("submitter") if isinstance(body, dict) else None
+        submitting = isinstance(submitter, dict) and submitter.get("host") == \
+            socket.gethostname() and _alive(submitter.get("pid"))
+        for row in rows:
+            if isinstance(row, dict) and row.get("run_id"):
+                out.setdefault(row["run_id"], row.get("values", {}))
+                if submitting and row.get("status") == "queued":
+                    waiting.add(row["run_id"])
+    return out, waiting
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def sweep_status(out_root: str | Path) -> list[PointState]:
+    """Every point of the sweeps under `out_root`, and every run directory there."""
+    from slt.launch import read_jobs, scheduler_states
+    from slt.report import Run, load_run
+
+    root = Path(out_root)
+    if not root.is_dir():
+        raise SltError(f"no such sweep folder: {root}")
+    points, waiting = _points(root)
+    jobs = read_jobs(root)
+    for rid, rec in jobs.items():
+        points.setdefault(rid, rec.get("values", {}))
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if any((d / name).exists() for name in RUN_FILES):  # not the report's folder
+            points.setdefault(d.name, {})
+    if not points:
+        raise SltError(f"{root} holds no sweep record and no run directory")
+    live = scheduler_states({rid: jobs[rid] for rid in points if rid in jobs})
+    states = []
+    for rid, values in points.items():
+        run = load_run(root / rid) if (root / rid).is_dir() else None
+        job = jobs.get(rid, {})
+        sched = live.get(rid, "")
+        jid = f"job {job['job_id']}" if job.get("job_id") else ""
+        if run is not None and not isinstance(run, Run):
+            states.append(PointState(rid, "failed", f"damaged: {run.reason}", values))
+            continue
+        if run is not None and run.status == "finished":
+            epochs = run.config.search.epochs
+            states.append(PointState(rid, "finished", f"test acc {run.acc:.4f} "
+                                     f"({epochs} epochs)", values))
+        elif run is not None and run.status == "running":
+            where = f"epoch {run.epochs_done + 1}/{run.config.search.epochs}"
+            states.append(PointState(rid, "running", " ".join(filter(None, (where, jid))),
+                                     values))
+        elif run is not None and run.status == "failed" and sched not in WAITING | {"RUNNING"}:
+            states.append(PointState(rid, "failed", run.error, values))
+        elif sched in WAITING:
+            states.append(PointState(rid, "queued", " ".join(filter(None, (jid, sched.lower()))),
+                                     values))
+        elif sched == "RUNNING":
+            states.append(PointState(rid, "queued", f"{jid} starting", values))
+        elif sched in ENDED:
+            done = f", {run.epochs_done} epochs done" if run is not None else ""
+            states.append(PointState(rid, "failed", f"{jid} {sched.lower()}{done}: rerun the "
+                                     "sweep to resume it", values))
+        elif run is not None:
+            states.append(PointState(rid, "interrupted", f"{run.epochs_done}/"
+                                     f"{run.config.search.epochs} epochs done: rerun the sweep "
+                                     "to resume it", values))
+        elif rid in waiting and not jid:
+            states.append(PointState(rid, "queued", "waiting for a free slot", values))
+        else:
+            detail = f"{jid} ended without starting it" if jid else ""
+            states.append(PointState(rid, "not started", detail, values))
+    return states
+
+
+ORDER = ("finished", "running", "queued", "interrupted", "failed", "not started")
+
+
+def format_status(states: list[PointState]) -> str:
+    """One line per point, then the counts."""
+    lines = []
+    for s in states:
+        label = ", ".join(f"{k}={v}" for k, v in s.values.items())
+        lines.append(f"{s.state:11s} {s.run_id}  {s.detail}" + (f"  [{label}]" if label else ""))
+    counts = Counter(s.state for s in states)
+    lines.append(f"{len(states)} points: " + ", ".join(
+        f"{counts[k]} {k}" for k in ORDER if counts[k]))
+    return "\n".join(lines)
+
+
+def unsettled(states: list[PointState]) -> int:
+    """Points still queued or running (what `--wait` waits for)."""
+    return sum(s.state in ("queued", "running") for s in states)
