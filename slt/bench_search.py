@@ -1,6 +1,6 @@
 """`slt bench search`: training throughput of a search step against a dense baseline.
 
-The search step is `slt.search.Search.step`, called exactly as the search loop calls it
+The search step is `slt.engine.Search.step`, called exactly as the search loop calls it
 (scorer, top-k, autocast, grad scaler, optimizer and schedule included). The baseline is the
 same architecture from the same builder with every masked layer swapped for a plain
 `nn.Conv2d` / `nn.Linear` of its shape (BatchNorm, pooling and the rest unchanged), trained
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from slt import topk
 from slt.bench import Timer
 from slt.config import Config, parse_override
+from slt.engine import Search
 from slt.errors import ConfigError
 from slt.layers import MaskedConv2d, MaskedLinear
 from slt.models import build_model
@@ -41,7 +42,6 @@ from slt.network import build_network
 from slt.platform import Platform
 from slt.resolve import load
 from slt.scorers import EpochContext
-from slt.search import Search
 from slt.spec import DataSpec
 
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -7,7 +7,7 @@ out on the meta device) and refuses what cannot fit; `allocation_error` turns an
 that fails anyway (an estimate is rough; other processes use memory too) into the same kind
 of one-line error.
 
-Bytes per weight, measured as the peak RSS of one-epoch CPU searches (`slt.search.run_search`
+Bytes per weight, measured as the peak RSS of one-epoch CPU searches (`slt.engine.run_search`
 on an MLP 1000 -> 40,000 -> 10, so 40.4M prunable weights, planted-teacher data, batch 128)
 minus that of the same run with 16 hidden units; torch 2.15, edge-popup unless named:
 

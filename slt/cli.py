@@ -34,45 +34,20 @@ def _load(args: argparse.Namespace):  # -> Config
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from slt.platform import Platform
-    from slt.search import run_search
+    from slt.api import search
 
-    cfg = _load(args)
-    if args.no_progress:
-        import dataclasses
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, progress=False))
-    platform = Platform.from_env(cfg.run.device)  # alone, or one rank under torchrun
-    try:
-        run_search(cfg, args.out, embed_weights=args.embed_weights, platform=platform)
-    finally:
-        platform.close()
+    search(args.config, overrides=args.overrides, out=args.out,
+           embed_weights=args.embed_weights, progress=False if args.no_progress else None)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import dataclasses
+    from slt.api import evaluate, load_ticket
 
-    from slt import ticket as ticket_io
-    from slt.capacity import allocation_errors
-    from slt.config import apply_overrides
-    from slt.data import open_batches
-    from slt.platform import resolve_device
-    from slt.resolve import resolve
-    from slt.search import evaluate
-
-    ticket = ticket_io.load(args.ticket)
-    overrides = list(args.overrides)
-    if os.environ.get("SLT_DATA") and not any(o.startswith("data.root=") for o in overrides):
-        overrides.insert(0, f"data.root={os.environ['SLT_DATA']}")  # this machine's data
-    cfg = resolve(apply_overrides(ticket.config.to_dict(), overrides), str(args.ticket))
-    ticket = dataclasses.replace(ticket, config=cfg)
-    device = resolve_device(args.device or cfg.run.device)
-    batches = open_batches(cfg.data, device)
-    with allocation_errors(cfg, batches.spec):  # a ticket found on a bigger machine
-        net = ticket_io.rebuild(ticket, device)
-        loss, acc = evaluate(net, batches, cfg.search.eval_batch_size)
+    ticket = load_ticket(args.ticket)
+    result = evaluate(ticket, overrides=args.overrides, device=args.device)
+    acc, loss, recorded = result.test_acc, result.test_loss, result.recorded_test_acc
     dens = ticket.header["densities"]
-    recorded = ticket.metrics.get("test_acc")
     print(f"ticket {args.ticket}")
     print(f"  source density {dens['source_density']:.4f} ({dens['n_source']} of "
           f"{dens['n_prunable']} prunable weights)")
@@ -80,7 +55,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"source ({dens['n_ticket']} weights)")
     line = f"  test accuracy {acc:.4f}  loss {loss:.4f}"
     if recorded is not None:
-        same = "same" if abs(recorded - acc) < 1e-12 else "DIFFERENT"
+        same = "same" if result.same_as_recorded else "DIFFERENT"
         line += f"  (run recorded {recorded:.4f}: {same})"
     print(line)
     if args.json:
@@ -162,43 +137,31 @@ def cmd_bench_search(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from slt.config import check_alternatives, check_key, parse_override
-    from slt.sweep import load_sweep, run_sweep
+    from slt.api import sweep
 
-    if args.workers < 1:
-        raise SltError(f"--workers must be at least 1, got {args.workers}")
-    sweep = load_sweep(args.sweep)
-    overrides = dict(parse_override(item) for item in args.overrides)
-    for key in overrides:
-        check_key(key, "--set")
-    check_alternatives(overrides, "--set")
     if args.launcher != "local":
-        return _launch(args, sweep, overrides)
+        return _launch(args)
     if args.launcher_overrides or args.wait:
         raise SltError("--launcher-set and --wait go with --launcher slurm or submitit-local")
-    outcome = run_sweep(sweep, args.out, args.workers, overrides, progress=not args.no_progress)
-    busy = f"{len(outcome.busy)} being run by another process, " if outcome.busy else ""
-    print(f"{len(outcome.done)} runs done, {len(outcome.failed)} failed, {busy}"
-          f"{len(outcome.skipped)} points skipped -> {args.out}")
-    if not args.no_report:
-        from slt.report import write_report
-
-        path = write_report(args.out)
-        print(f"report: {path}")
+    outcome = sweep(args.sweep, out=args.out, workers=args.workers, overrides=args.overrides,
+                    progress=not args.no_progress, report=not args.no_report,
+                    summary=lambda o: print(o.line(args.out)))
     return 1 if outcome.failed else 0
 
 
-def _launch(args: argparse.Namespace, sweep: object, overrides: dict) -> int:
+def _launch(args: argparse.Namespace) -> int:
     """The sweep's points as jobs: queue them, print the job ids; with --wait, follow them
     to the end and write the report."""
     import time
 
     from tqdm import tqdm
 
+    from slt.api import sweep_settings
     from slt.launch import parse_resources
     from slt.status import format_status, sweep_status, unsettled
-    from slt.sweep import launch_sweep
+    from slt.sweeps import launch_sweep
 
+    sweep, overrides = sweep_settings(args.sweep, args.overrides)
     resources = parse_resources(sweep.launcher, args.launcher_overrides,  # type: ignore[attr-defined]
                                 f"{sweep.path} [launcher]")  # type: ignore[attr-defined]
     sent = launch_sweep(sweep, args.out, args.launcher, resources, overrides)  # type: ignore[arg-type]
@@ -222,7 +185,7 @@ def _launch(args: argparse.Namespace, sweep: object, overrides: dict) -> int:
     bar.close()
     print(format_status(states))
     if not args.no_report:
-        from slt.report import write_report
+        from slt.reporting import write_report
 
         print(f"report: {write_report(args.out)}")
     return 1 if any(s.state in ("failed", "interrupted") for s in states) else 0
@@ -265,10 +228,9 @@ def cmd_scorers(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from slt.report import write_report
+    from slt.api import report
 
-    path = write_report(args.runs, args.out, evaluate_survival=not args.no_eval)
-    print(f"report: {path}")
+    print(f"report: {report(args.runs, out=args.out, evaluate_survival=not args.no_eval)}")
     return 0
 
 
@@ -280,6 +242,18 @@ def status_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the sweep's --out folder")
     p.set_defaults(func=cmd_sweep_status, command="sweep-status")
     return p
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from slt import ticket as ticket_io
+    from slt.export import EXPORTS, export
+
+    EXPORTS.get(args.format)  # a mistyped format fails before the ticket is read
+    ticket = ticket_io.load(args.ticket)
+    size = export(ticket, args.out, args.format, sparse=args.sparse)
+    layout = ", sparse CSR" if args.sparse else ""
+    print(f"wrote {args.out} ({args.format}{layout}): {size} bytes")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,6 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], help="device (default: the run's)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a ticket as a plain PyTorch file: state_dict, "
+                       "prune (torch.nn.utils.prune form) or onnx (docs/export.md)")
+    p.add_argument("ticket", help="a ticket.slt file")
+    p.add_argument("--format", default="state_dict", metavar="FORMAT",
+                   help="state_dict (default), prune or onnx (needs the onnx extra)")
+    p.add_argument("--out", required=True, help="the file to write (replaced atomically)")
+    p.add_argument("--sparse", action="store_true",
+                   help="store mostly-pruned weights as CSR tensors (state_dict and prune)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("config", help="inspect configs")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")

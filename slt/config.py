@@ -516,7 +516,7 @@ def check_optimizer(s: SearchConfig) -> None:
 # --- serialisation and identity -----------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -524,9 +524,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):  # an inline table, e.g. search.scorer with its options
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
@@ -540,7 +540,7 @@ def to_toml(cfg: Config, comments: Mapping[str, str] | None = None) -> str:
         for key, value in body.items():
             if value is not None:
                 note = comments.get(f"{section}.{key}")
-                lines.append(f"{key} = {_toml_value(value)}" + (f"  # {note}" if note else ""))
+                lines.append(f"{key} = {toml_value(value)}" + (f"  # {note}" if note else ""))
         lines.append("")
     return "\n".join(lines)
 

@@ -49,3 +49,7 @@ class TicketError(SltError):
 
 class NonFiniteScoreError(SltError, ValueError):
     """A score is NaN or infinite: never turned into a mask silently."""
+
+
+class ExportError(SltError):
+    """A ticket that cannot be exported in the asked format (a missing extra, say)."""

@@ -136,7 +136,7 @@ class PointJob:
 
     def __call__(self, cfg: Config) -> dict[str, str]:
         from slt.platform import Platform
-        from slt.sweep import run_point
+        from slt.sweeps import run_point
 
         submitit = _submitit()
         env = submitit.JobEnvironment()

@@ -16,11 +16,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from slt.analysis import mean_std  # noqa: E402
 from slt.fileio import atomic_write_bytes  # noqa: E402
-from slt.sweep import theory_width  # noqa: E402
+from slt.sweeps import theory_width  # noqa: E402
 
 
 def _label(key: tuple) -> str:
-    from slt.report import label_of
+    from slt.reporting import label_of
 
     return label_of(key)
 

@@ -74,7 +74,7 @@ def _alive(pid: Any) -> bool:
 def sweep_status(out_root: str | Path) -> list[PointState]:
     """Every point of the sweeps under `out_root`, and every run directory there."""
     from slt.launch import read_jobs, scheduler_states
-    from slt.report import Run, load_run
+    from slt.reporting import Run, load_run
 
     root = Path(out_root)
     if not root.is_dir():

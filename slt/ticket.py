@@ -70,6 +70,12 @@ class Ticket:
     def metrics(self) -> dict[str, float]:
         return self.header.get("metrics", {})
 
+    def to_module(self, device: str | torch.device = "cpu") -> torch.nn.Module:
+        """The ticket as a plain module of standard torch layers (see slt.export)."""
+        from slt.export import to_module
+
+        return to_module(self, device)
+
     def compact_masks(self) -> list[Tensor]:
         """Ticket masks over each searched layer's source edges (the network's layout)."""
         return [tl.mask.reshape(-1)[tl.source_mask.reshape(-1)] for tl in self.layers

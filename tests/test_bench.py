@@ -152,7 +152,7 @@ def test_interleaving_alternates_blocks_and_flips_order() -> None:
 
 def test_search_side_is_search_step(monkeypatch) -> None:
     from slt import bench_search
-    from slt.search import Search
+    from slt.engine import Search
 
     seen: list[int] = []
     real = Search.step

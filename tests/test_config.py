@@ -208,7 +208,7 @@ def test_scorers_lists_declared_settings(capsys) -> None:
 
 
 def test_sweep_points_get_the_rule_settings_unless_set(tmp_path) -> None:
-    from slt.sweep import load_sweep
+    from slt.sweeps import load_sweep
 
     path = tmp_path / "s.toml"
     path.write_text('base = "quick.toml"\n[axes]\nsearch.scorer = ["edge-popup", "bernoulli"]\n')

@@ -17,7 +17,7 @@ import torch
 from slt import config, resolve, ticket
 from slt.analysis import jaccard
 from slt.data import Batches, load_data, rank_slice
-from slt.search import run_search
+from slt.engine import run_search
 from tests.conftest import REPO, TINY
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"

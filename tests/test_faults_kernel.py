@@ -356,8 +356,8 @@ def test_under_deferred_checks_the_flag_is_read_only_when_asked() -> None:
 def test_a_flag_found_at_a_checkpoint_stops_the_search_before_it_writes(tmp_path,
                                                                          monkeypatch) -> None:
     from slt import config
+    from slt.engine import run_search
     from slt.errors import SltError
-    from slt.search import run_search
     from tests.conftest import TINY
 
     asked = []

@@ -19,9 +19,9 @@ import torch
 
 from slt import config, resolve, ticket
 from slt.cli import main
-from slt.report import write_report
+from slt.engine import run_search
+from slt.reporting import write_report
 from slt.rundir import RunLock, locked_by
-from slt.search import run_search
 from tests.conftest import REPO, TINY
 
 

@@ -28,7 +28,7 @@ from slt.config import Config
 from slt.errors import ConfigError
 from slt.network import build_network, count_weights
 from slt.spec import DataSpec
-from slt.sweep import load_sweep
+from slt.sweeps import load_sweep
 from tests.conftest import REPO
 
 CPU = torch.device("cpu")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from slt import config, resolve
-from slt.search import run_search
+from slt.engine import run_search
 from tests.conftest import REPO, TINY
 
 PY = shlex.quote(sys.executable)

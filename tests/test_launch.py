@@ -16,9 +16,9 @@ import pytest
 
 from slt import resolve, ticket
 from slt.config import run_id
+from slt.engine import run_search
 from slt.errors import ConfigError
 from slt.launch import Resources, parse_resources
-from slt.search import run_search
 
 pytest.importorskip("submitit")
 

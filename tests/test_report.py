@@ -18,11 +18,11 @@ from slt.analysis import fmt_pct, jaccard, mean_std, surviving, surviving_fracti
 from slt.cli import main
 from slt.config import config_hash, from_dict, read_toml, run_id, to_toml
 from slt.data import Batches, load_data
+from slt.engine import evaluate
 from slt.errors import SltError
-from slt.report import load_runs, write_report
+from slt.reporting import load_runs, write_report
 from slt.resolve import load, resolve
-from slt.search import evaluate
-from slt.sweep import load_sweep, run_sweep
+from slt.sweeps import load_sweep, run_sweep
 from slt.ticket import MAGIC
 from tests.conftest import TINY
 

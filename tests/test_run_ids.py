@@ -11,8 +11,8 @@ import pytest
 from slt import config, resolve
 from slt.cli import main
 from slt.config import RunConfig
-from slt.report import load_runs
-from slt.search import run_search
+from slt.engine import run_search
+from slt.reporting import load_runs
 from tests.conftest import TINY
 
 # (config, overrides) -> (run id, the legacy run id the same config had before)
@@ -83,9 +83,9 @@ def legacy_run(monkeypatch, cfg, out, **stop):
     """A run written as slt wrote runs before: legacy directory name and hash inside."""
     with monkeypatch.context() as m:
         m.setattr(config, "config_hash", config.legacy_config_hash)
-        m.setattr("slt.search.config_hash", config.legacy_config_hash)
+        m.setattr("slt.engine.config_hash", config.legacy_config_hash)
         m.setattr("slt.ticket.config_hash", config.legacy_config_hash)
-        m.setattr("slt.search.config_hashes", lambda c: (config.legacy_config_hash(c),))
+        m.setattr("slt.engine.config_hashes", lambda c: (config.legacy_config_hash(c),))
         result = run_search(cfg, out, log=quiet, **stop)
     assert result.run_dir.name == config.legacy_run_id(cfg)
     return result

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slt import resolve, ticket
-from slt.search import lr_factor, run_search
+from slt.engine import lr_factor, run_search
 
 
 def quiet(_: str) -> None:

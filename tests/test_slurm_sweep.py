@@ -13,7 +13,7 @@ import pytest
 
 from slt import resolve, ticket
 from slt.config import run_id
-from slt.search import run_search
+from slt.engine import run_search
 from tests.slurm_cluster import local_slurm, slurm_available
 
 pytest.importorskip("submitit")

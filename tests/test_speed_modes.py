@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slt import config, resolve, ticket
-from slt.search import run_search
+from slt.engine import run_search
 from tests.conftest import TINY
 
 

@@ -12,9 +12,9 @@ import torch
 from slt import ticket
 from slt.cli import main
 from slt.config import from_dict, run_id
+from slt.engine import run_search
 from slt.errors import ConfigError
-from slt.search import run_search
-from slt.sweep import load_sweep, run_sweep, theory_width
+from slt.sweeps import load_sweep, run_sweep, theory_width
 
 TINY_SET = """
 [set]
@@ -149,7 +149,7 @@ def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path, capsys) -> 
 def crash_at_half(cfg, out_root):  # module level: worker processes import it
     import os
 
-    from slt.sweep import run_point
+    from slt.sweeps import run_point
 
     if cfg.source.density == 0.5 and cfg.run.seed == 0:
         os._exit(3)  # the worker dies, as one killed for memory would

@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E4
 )
 
 from slt import config, resolve  # noqa: E402
-from slt.search import lr_factor, run_search  # noqa: E402
+from slt.engine import lr_factor, run_search  # noqa: E402
 from tests.conftest import REPO, TINY  # noqa: E402
 
 # 256 training examples in global batches of 64: 4 steps an epoch, 3 epochs
@@ -88,9 +88,9 @@ def test_a_stopped_and_a_crashed_run_read_back_once_per_step(tmp_path, monkeypat
     # 2. resumed, then the power fails while writing the checkpoint after step 8 (epoch
     # 2's end): its steps and epoch row are in the event files already, the checkpoint
     # (after step 7) is not; TensorBoard's reader must drop them on the next resume
-    import slt.search
+    import slt.engine
 
-    real_save, saves = slt.search.atomic_torch_save, []
+    real_save, saves = slt.engine.atomic_torch_save, []
 
     def power_cut(path, obj):
         saves.append(obj["epoch"])
@@ -98,10 +98,10 @@ def test_a_stopped_and_a_crashed_run_read_back_once_per_step(tmp_path, monkeypat
             raise RuntimeError("power cut")
         real_save(path, obj)
 
-    monkeypatch.setattr(slt.search, "atomic_torch_save", power_cut)
+    monkeypatch.setattr(slt.engine, "atomic_torch_save", power_cut)
     with pytest.raises(RuntimeError, match="power cut"):
         run_search(cfg, out, log=quiet)
-    monkeypatch.setattr(slt.search, "atomic_torch_save", real_save)
+    monkeypatch.setattr(slt.engine, "atomic_torch_save", real_save)
     run_dir = out / config.run_id(cfg)
     written = scalars(run_dir)
     assert [s for s, _ in written["step/loss"]] == list(range(1, 9))

@@ -7,8 +7,8 @@ import torch
 
 from slt import resolve, ticket
 from slt.data import Batches, load_data
+from slt.engine import evaluate, run_search
 from slt.errors import TicketError
-from slt.search import evaluate, run_search
 
 
 def quiet(_: str) -> None:

@@ -110,7 +110,7 @@ def test_non_finite_is_an_error(bad: float) -> None:
 def test_search_gives_the_same_ticket_with_either_path(tmp_path, tiny_overrides,
                                                        monkeypatch) -> None:
     from slt import ticket
-    from slt.search import run_search
+    from slt.engine import run_search
 
     cfg = resolve.load(None, [*tiny_overrides, "run.device=cuda", "model.hidden=[64, 64]"])
     with_kernel = run_search(cfg, tmp_path / "kernel", log=lambda _: None)

@@ -61,6 +61,11 @@ class SearchResult:
     status: str
     summary: dict[str, Any] | None
 
+    @property
+    def ticket(self) -> ticket_io.Ticket:
+        """The run's ticket, read from its ticket.slt (a finished run has one)."""
+        return ticket_io.load(self.run_dir / TICKET)
+
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     """Linear warmup to 1, then cosine decay to 0 at `total_steps`."""

@@ -44,7 +44,7 @@ from slt.rundir import (
     read_metrics,
     read_summary,
 )
-from slt.sweep import THEORY, theory_width
+from slt.sweeps import THEORY, theory_width
 
 ANY = "any"  # the scheme of a dense (d = 1) run
 DENSITY, SEED, SCHEME, WIDTH = "source.density", "run.seed", "source.scheme", "model.width"
@@ -312,8 +312,8 @@ class Evaluator:
 
         from slt import ticket as ticket_io
         from slt.data import open_batches
+        from slt.engine import evaluate
         from slt.platform import resolve_device
-        from slt.search import evaluate
 
         cfg = dense_ticket.config
         if os.environ.get("SLT_DATA"):

@@ -203,7 +203,7 @@ def run_point(cfg: Config, out_root: str, stop_requested: Callable[[], bool] | N
     """Run one point; never raises. Returns (status, error message). A point that another
     process is writing is skipped (status "busy"), so sweeps side by side split the grid.
     A cluster job passes its preemption notice (`stop_requested`) and its `platform`."""
-    from slt.search import run_search
+    from slt.engine import run_search
 
     root = Path(out_root)
     try:
@@ -237,6 +237,12 @@ class SweepOutcome:
     busy: list[Point] = field(default_factory=list)  # written by another process meanwhile
     skipped: list[Point] = field(default_factory=list)
     points: list[Point] = field(default_factory=list)
+
+    def line(self, out: object) -> str:
+        """The one-line summary `slt sweep` prints."""
+        busy = f"{len(self.busy)} being run by another process, " if self.busy else ""
+        return (f"{len(self.done)} runs done, {len(self.failed)} failed, {busy}"
+                f"{len(self.skipped)} points skipped -> {out}")
 
 
 Runner = Callable[[Config, str], tuple[str, str]]

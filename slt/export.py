@@ -1,0 +1,198 @@
+"""A ticket as a plain PyTorch module, and the files `slt export` writes from it.
+
+`to_module` rebuilds the ticket's network and swaps every masked layer for a standard
+`nn.Conv2d` / `nn.Linear` whose weight is the layer's effective weight (what the masked
+layer's forward multiplies by: frozen weight * mask, or the scoring rule's own form), so
+the module computes exactly what slt's network computes, with no slt layer left in it.
+
+Export formats form a registry (`EXPORTS`): a function `(ticket, sparse) -> bytes`, written
+atomically by `export`. With `sparse`, weights that the ticket mostly prunes are stored as
+CSR tensors (layout: the comment on `SPARSE_KEY`, and docs/export.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import os
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+from slt.errors import ConfigError, ExportError, TicketError, first_line
+from slt.fileio import atomic_write_bytes
+from slt.layers import MaskedConv2d, MaskedLayer, MaskedLinear
+from slt.registry import Registry
+
+if TYPE_CHECKING:
+    from slt.ticket import Ticket
+
+ExportFormat = Callable[["Ticket", bool], bytes]
+EXPORTS: Registry[ExportFormat] = Registry("export format")
+
+# A sparse file is {SPARSE_KEY: 1, "state_dict": {...}, "shapes": {key: [dims]}}: the keys of
+# "shapes" hold 2-D CSR tensors (int32 indices; a conv weight (out, in, kh, kw) reshaped to
+# (out, in * kh * kw)), to densify as `v.to_dense().float().reshape(shapes[key])`; every
+# other entry is the dense tensor itself. A prune mask's CSR shares its weight's indices
+# (torch.save stores them once) and holds bool values; densified it is float, as torch's.
+SPARSE_KEY = "slt_sparse"
+# Not `pip install 'slt[onnx]'`: the name slt on PyPI is another project (docs/install.md).
+ONNX_MISSING = ("--format onnx needs the onnx extra: pip install onnx onnxscript "
+                "(or pip install '.[onnx]' in slt's checkout)")
+
+
+def to_module(ticket: Ticket, device: str | torch.device = "cpu") -> nn.Module:
+    """The ticket as a module of standard torch layers, in eval mode, on `device`.
+
+    Weights are zero where the mask is off; BatchNorm keeps the ticket's statistics. Inputs
+    are what slt's network takes: normalised by the data (slt.data), not by the module.
+    """
+    from slt.ticket import rebuild
+
+    net = rebuild(ticket, torch.device("cpu"))
+    body = net.body
+    with torch.no_grad():
+        for parent in list(body.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, MaskedLayer):
+                    setattr(parent, name, _plain_layer(child))
+    return body.to(device).eval()
+
+
+def _plain_layer(layer: MaskedLayer) -> nn.Module:
+    """The torch layer that computes what `layer` computes (its bias-free forward)."""
+    weight = layer.weight().detach().clone()
+    if isinstance(layer, MaskedConv2d):
+        out_ch, in_ch, kh, kw = layer.weight_shape
+        plain: nn.Module = nn.Conv2d(in_ch, out_ch, (kh, kw), stride=layer.stride,
+                                     padding=layer.padding, bias=False)
+    elif isinstance(layer, MaskedLinear):
+        plain = nn.Linear(layer.weight_shape[1], layer.weight_shape[0], bias=False)
+    else:
+        raise TicketError(f"cannot export a {type(layer).__name__} layer: only MaskedConv2d "
+                          "and MaskedLinear have a standard torch counterpart")
+    plain.weight = nn.Parameter(weight.view(layer.weight_shape))
+    return plain
+
+
+def layer_masks(ticket: Ticket) -> dict[str, Tensor]:
+    """The boolean ticket mask of every prunable layer, by its name in `to_module`'s module
+    (all ones for a layer kept dense)."""
+    return {tl.name: tl.mask for tl in ticket.layers}
+
+
+def export(ticket: Ticket, path: str | os.PathLike[str], fmt: str, sparse: bool = False) -> int:
+    """Write the ticket in format `fmt` to `path` atomically (an old file stays whole until
+    the new one is complete); returns the file's size in bytes."""
+    data = EXPORTS.get(fmt)(ticket, sparse)
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+def _save(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@EXPORTS.register("state_dict")
+def state_dict_bytes(ticket: Ticket, sparse: bool) -> bytes:
+    """`to_module(ticket).state_dict()`; with `sparse`, mostly-pruned weights as CSR."""
+    state = to_module(ticket).state_dict()
+    if not sparse:
+        return _save(state)
+    out: dict[str, Tensor] = dict(state)
+    shapes: dict[str, list[int]] = {}
+    for name, mask in layer_masks(ticket).items():
+        key = f"{name}.weight"
+        if _csr_pays(mask, value_bytes=4, dense_bytes=4):
+            out[key], _ = _csr(state[key], mask)
+            shapes[key] = list(mask.shape)
+    return _save({SPARSE_KEY: 1, "state_dict": out, "shapes": shapes})
+
+
+@EXPORTS.register("prune")
+def prune_bytes(ticket: Ticket, sparse: bool) -> bytes:
+    """torch.nn.utils.prune's form: `weight_orig` (the effective weight) and `weight_mask`
+    per prunable layer, as `prune.custom_from_mask` leaves a module's state dict."""
+    module = to_module(ticket)
+    masks = layer_masks(ticket)
+    for name, mask in masks.items():
+        prune.custom_from_mask(module.get_submodule(name), "weight", mask)
+    state = module.state_dict()
+    if not sparse:
+        return _save(state)
+    out: dict[str, Tensor] = dict(state)
+    shapes: dict[str, list[int]] = {}
+    for name, mask in masks.items():
+        if _csr_pays(mask, value_bytes=4 + 1, dense_bytes=4 + 4):
+            orig, kept = _csr(state[f"{name}.weight_orig"], mask)
+            out[f"{name}.weight_orig"], out[f"{name}.weight_mask"] = orig, kept
+            shapes[f"{name}.weight_orig"] = shapes[f"{name}.weight_mask"] = list(mask.shape)
+    return _save({SPARSE_KEY: 1, "state_dict": out, "shapes": shapes})
+
+
+@EXPORTS.register("onnx")
+def onnx_bytes(ticket: Ticket, sparse: bool) -> bytes:
+    """An ONNX graph of the module (torch's exporter; needs onnx and onnxscript), with a
+    dynamic batch dimension: input `input`, output `logits`."""
+    if sparse:
+        raise ConfigError("--sparse applies to the state_dict and prune formats; the ONNX "
+                          "graph stores its weights dense")
+    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
+        raise ExportError(ONNX_MISSING)
+    module = to_module(ticket)
+    example = torch.zeros(2, *ticket.header["spec"]["shape"])
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")  # the exporter's progress notes: not ours to print
+            torch.onnx.export(module, (example,), buf, input_names=["input"],
+                              output_names=["logits"], verbose=False,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as exc:  # the exporter's failures are many and long: one line
+        raise ExportError(f"ONNX export failed: {first_line(exc)}") from None
+    return buf.getvalue()
+
+
+def _csr_pays(mask: Tensor, value_bytes: int, dense_bytes: int) -> bool:
+    """Whether CSR (int32 row pointers and column indices) is smaller than dense."""
+    rows, nnz = mask.shape[0], int(mask.sum())
+    return 4 * (rows + 1) + nnz * (4 + value_bytes) < mask.numel() * dense_bytes
+
+
+def _csr(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """2-D CSR tensors of `weight` and of `mask` on the mask's edges, sharing their indices
+    (so a weight that is exactly 0 on a kept edge keeps its entry)."""
+    keep = mask.reshape(mask.shape[0], -1)
+    w2d = weight.detach().reshape(keep.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        structure = keep.to_sparse_csr()
+        index = torch.int32 if keep.numel() < 2 ** 31 else torch.int64
+        crow = structure.crow_indices().to(index)
+        col = structure.col_indices().to(index)
+        values = w2d[keep].contiguous()  # row-major, the order of CSR entries
+        ones = torch.ones(values.numel(), dtype=torch.bool)
+        return (torch.sparse_csr_tensor(crow, col, values, keep.shape, check_invariants=True),
+                torch.sparse_csr_tensor(crow, col, ones, keep.shape, check_invariants=True))
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """An exported state_dict or prune file as a dense state dict, sparse or not (what
+    `module.load_state_dict` takes); read with `weights_only=True`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the loader's note that it checks sparse tensors
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict):
+        raise ExportError(f"{path} is not a state dict written by slt export")
+    if SPARSE_KEY not in blob:
+        return blob
+    shapes = blob["shapes"]
+    return {k: v.to_dense().float().reshape(shapes[k]) if k in shapes else v
+            for k, v in blob["state_dict"].items()}
