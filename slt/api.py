@@ -35,7 +35,8 @@ def _override_list(overrides: Overrides) -> list[str]:
     if isinstance(overrides, Mapping):
         from slt.config import toml_value
 
-        return [f"{k}={toml_value(v)}" for k, v in overrides.items()]
+        return [f"{k}={toml_value(str(v) if isinstance(v, os.PathLike) else v)}"
+                for k, v in overrides.items()]
     if isinstance(overrides, str):
         raise ConfigError("overrides must be a list of 'key=value' strings or a mapping, "
                           f"got the string {overrides!r}")

@@ -26,10 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from slt.config import Config, coerce, parse_value
-from slt.errors import ConfigError, SltError, did_you_mean
+from slt.errors import ConfigError, SltError, did_you_mean, first_line
 from slt.fileio import atomic_write_text
 
 LAUNCHERS = ("local", "submitit-local", "slurm")
+# scheduler states of a job that still holds its point: not sent again
+_LIVE = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RUNNING",
+         "SUSPENDED"}
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,8 @@ class PointJob:
         finally:
             platform.close()
         print(f"slt: point {status}" + (f": {error}" if error else ""), flush=True)
-        cancelled = signal.SIGTERM in received
+        # SIGTERM alone is scancel; after a notice it is the time limit's end: requeue
+        cancelled = signal.SIGTERM in received and signal.SIGUSR2 not in received
         if status == "stopped" and callable(notice) and received and not cancelled:
             notice(signal.SIGUSR2, None)  # submitit's handler: requeues (rank 0) and exits
         return {"status": status, "error": error}
@@ -242,11 +246,12 @@ def submit(points: list[tuple[str, Config, dict[str, Any]]], out_root: Path, swe
 
     out = Submitted()
     todo = []
+    live = scheduler_states(read_jobs(out_root))  # a sweep submitted twice: sent once
     for rid, cfg, values in points:
         run_dir = locate_run(out_root, cfg)
         if read_summary(run_dir, config_hashes(cfg))[0] is not None:
             out.finished.append(rid)
-        elif locked_by(run_dir):
+        elif locked_by(run_dir) or live.get(rid) in _LIVE:  # written, or its job waits
             out.running.append(rid)
         else:
             todo.append((rid, cfg, values))
@@ -266,7 +271,13 @@ def submit(points: list[tuple[str, Config, dict[str, Any]]], out_root: Path, swe
         record_jobs(out_root, sweep_name, kind, record)
 
     if kind == "slurm":
-        sent(todo, ex.map_array(PointJob(str(out_root)), [cfg for _, cfg, _ in todo]))
+        try:
+            jobs = ex.map_array(PointJob(str(out_root)), [cfg for _, cfg, _ in todo])
+        except Exception as exc:  # sbatch refused: a bad partition, account, time, ...
+            if type(exc).__name__ != "FailedJobError":
+                raise
+            raise SltError(f"sbatch refused the jobs: {first_line(exc)}") from None
+        sent(todo, jobs)
     else:  # no scheduler to hold a queue: started here, at most array_parallelism at once
         _local_jobs(ex, todo, str(out_root), res.array_parallelism, sent)
     return out

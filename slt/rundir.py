@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slt.errors import storage_error
+from slt.errors import StorageError, storage_error
 
 if TYPE_CHECKING:
     from slt.config import Config
@@ -262,10 +262,13 @@ def locate_run(out_root: Path, cfg: Config) -> Path:
     try:
         with RunLock(old) as lock:
             if not lock.acquire(wait=False, record=False):
-                return old
+                return old if old.is_dir() else path  # held: or renamed meanwhile
             os.rename(old, path)  # the lock's inode moves with it and is released after
     except FileNotFoundError:
         pass  # renamed by another process meanwhile
+    except StorageError:  # its lock file vanished with it: renamed by another process
+        if old.is_dir():
+            raise
     except OSError as exc:
         if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise storage_error(exc, f"rename {old} to", path) from None

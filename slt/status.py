@@ -102,7 +102,8 @@ def sweep_status(out_root: str | Path) -> list[PointState]:
             epochs = run.config.search.epochs
             states.append(PointState(rid, "finished", f"test acc {run.acc:.4f} "
                                      f"({epochs} epochs)", values))
-        elif run is not None and run.status == "running":
+        elif run is not None and run.status == "running" and sched not in ENDED | WAITING:
+            # (a holder on another host cannot be asked whether it lives: the scheduler can)
             where = f"epoch {run.epochs_done + 1}/{run.config.search.epochs}"
             states.append(PointState(rid, "running", " ".join(filter(None, (where, jid))),
                                      values))

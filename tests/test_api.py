@@ -50,6 +50,9 @@ def test_load_config_takes_a_path_a_config_a_dict_and_either_kind_of_overrides()
     assert by_dict.search.lr == want.search.lr == 10.0  # the rule's declared lr, filled in
     from slt.config import run_id
     assert run_id(by_dict) == run_id(want)
+    from pathlib import Path
+    assert slt.load_config("quick.toml", {"data.root": Path("/data/here")}).data.root == \
+        "/data/here"
     # by_cfg started from quick.toml resolved with edge-popup: its lr (0.1) is now the user's
     assert by_cfg.search.lr == 0.1 and by_cfg.source.density == 0.8
 
