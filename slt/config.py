@@ -556,8 +556,8 @@ def _default(section: str, key: str) -> Any:
 
 
 def _canonical(value: Any) -> Any:
-    """One spelling per value: tuples as lists, floats that are whole kept as floats (the
-    dataclass types already made 2 and 2.0 one value)."""
+    """One spelling per value: tuples and lists as lists, mapping keys as strings (numbers
+    need nothing here: the dataclass types already made 2 and 2.0 one value)."""
     if isinstance(value, (list, tuple)):
         return [_canonical(v) for v in value]
     if isinstance(value, dict):

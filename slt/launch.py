@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import sys
 import threading
@@ -28,11 +27,15 @@ from typing import Any
 from slt.config import Config, coerce, parse_value
 from slt.errors import ConfigError, SltError, did_you_mean, first_line
 from slt.fileio import atomic_write_text
+from slt.rundir import pid_alive
 
 LAUNCHERS = ("local", "submitit-local", "slurm")
-# scheduler states of a job that still holds its point: not sent again
-_LIVE = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RUNNING",
-         "SUSPENDED"}
+# SLURM job states: ended without finishing, waiting to run; a live job is not sent again
+ENDED = {"CANCELLED", "TIMEOUT", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+         "BOOT_FAIL", "DEADLINE"}
+WAITING = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
+           "SUSPENDED"}
+LIVE = WAITING | {"RUNNING"}
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,6 @@ def _submitit() -> Any:
 def executor(kind: str, folder: Path, res: Resources) -> Any:
     """A submitit executor for `kind` ("slurm" or "submitit-local") asking for `res`."""
     submitit = _submitit()
-    params: dict[str, Any] = {"timeout_min": res.time, "tasks_per_node": res.tasks,
-                              "gpus_per_node": res.gpus_per_node}
     if kind == "slurm":
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=res.requeues)
         slurm = {"job_name": "slt", "time": res.time, "nodes": res.nodes,
@@ -122,7 +123,8 @@ def executor(kind: str, folder: Path, res: Resources) -> Any:
         raise ConfigError("--launcher submitit-local runs on this machine: launcher.nodes "
                           "must be 1")
     ex = submitit.LocalExecutor(folder=folder)
-    ex.update_parameters(**params, signal_delay_s=res.signal_delay_s,
+    ex.update_parameters(timeout_min=res.time, tasks_per_node=res.tasks,
+                         gpus_per_node=res.gpus_per_node, signal_delay_s=res.signal_delay_s,
                          setup=list(res.setup))
     return ex
 
@@ -251,7 +253,7 @@ def submit(points: list[tuple[str, Config, dict[str, Any]]], out_root: Path, swe
         run_dir = locate_run(out_root, cfg)
         if read_summary(run_dir, config_hashes(cfg))[0] is not None:
             out.finished.append(rid)
-        elif locked_by(run_dir) or live.get(rid) in _LIVE:  # written, or its job waits
+        elif locked_by(run_dir) or live.get(rid) in LIVE:  # written, or its job waits
             out.running.append(rid)
         else:
             todo.append((rid, cfg, values))
@@ -313,16 +315,8 @@ def scheduler_states(records: dict[str, dict[str, Any]]) -> dict[str, str]:
         out.update({rid: states.get(jid, "") for rid, jid in slurm.items()})
     for rid, rec in records.items():
         if rec.get("launcher") == "submitit-local":
-            out[rid] = "RUNNING" if _pid_alive(rec.get("job_id", "")) else ""
+            out[rid] = "RUNNING" if pid_alive(rec.get("job_id")) else ""
     return out
-
-
-def _pid_alive(job_id: str) -> bool:
-    try:
-        os.kill(int(job_id), 0)
-    except (ValueError, ProcessLookupError, PermissionError):
-        return False
-    return True
 
 
 def _slurm_states(job_ids: list[str]) -> dict[str, str]:

@@ -128,9 +128,14 @@ def holder_alive(run_dir: Path) -> bool | None:
         return None
     if parts[3] != socket.gethostname():
         return None
+    return pid_alive(parts[1])
+
+
+def pid_alive(pid: Any) -> bool:
+    """Whether process `pid` of this host runs (False for no such process or no pid)."""
     try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
         return False
     except OSError:
         return True  # it exists, as another user's process

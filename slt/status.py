@@ -17,7 +17,6 @@ for jobs, the scheduler's own state. A point is
 from __future__ import annotations
 
 import json
-import os
 import socket
 from collections import Counter
 from dataclasses import dataclass
@@ -25,12 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from slt.errors import SltError
-from slt.rundir import RUN_FILES
-
-ENDED = {"CANCELLED", "TIMEOUT", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-         "BOOT_FAIL", "DEADLINE"}
-WAITING = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
-           "SUSPENDED"}
+from slt.launch import ENDED, WAITING, read_jobs, scheduler_states
+from slt.rundir import RUN_FILES, pid_alive
 
 
 @dataclass(frozen=True)
@@ -54,7 +49,7 @@ def _points(root: Path) -> tuple[dict[str, dict[str, Any]], set[str]]:
             continue
         submitter = body.get("submitter") if isinstance(body, dict) else None
         submitting = isinstance(submitter, dict) and submitter.get("host") == \
-            socket.gethostname() and _alive(submitter.get("pid"))
+            socket.gethostname() and pid_alive(submitter.get("pid"))
         for row in rows:
             if isinstance(row, dict) and row.get("run_id"):
                 out.setdefault(row["run_id"], row.get("values", {}))
@@ -63,17 +58,9 @@ def _points(root: Path) -> tuple[dict[str, dict[str, Any]], set[str]]:
     return out, waiting
 
 
-def _alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError, PermissionError):
-        return False
-    return True
-
 
 def sweep_status(out_root: str | Path) -> list[PointState]:
     """Every point of the sweeps under `out_root`, and every run directory there."""
-    from slt.launch import read_jobs, scheduler_states
     from slt.reporting import Run, load_run
 
     root = Path(out_root)
