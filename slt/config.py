@@ -225,8 +225,34 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def plain_value(value: Any) -> Any:
+    """numpy and torch values as the Python value they hold: a scalar (np.float64 from
+    np.linspace, np.int64, np.bool_, a 0-dim tensor) as float / int / bool / str, an array
+    or a tensor as a (nested) list; anything else unchanged, for `coerce` to judge.
+
+    A float of less than double precision (np.float32(0.2), torch.tensor(0.2)) is taken as
+    the shortest decimal that reads back to the same float32 (0.2, not 0.2000000029802...):
+    that is the number the caller wrote, so it gets the run id of the plain float 0.2. A
+    float64 is exactly a Python float and stays as it is."""
+    module = type(value).__module__.split(".")[0]
+    if module == "torch" and hasattr(value, "detach"):
+        tensor = value.detach().cpu()
+        if tensor.is_floating_point() and tensor.element_size() < 8:
+            tensor = tensor.float()  # numpy has no bfloat16; float32 holds it exactly
+        value, module = tensor.numpy(), "numpy"
+    if module != "numpy" or not hasattr(value, "dtype"):
+        return value
+    if getattr(value, "ndim", 0) > 0:
+        return [plain_value(v) for v in value]
+    if value.dtype.kind == "f" and value.dtype.itemsize < 8:
+        return float(str(value[()]))  # numpy prints a float32 as its shortest decimal
+    return value.item()
+
+
 def coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the field type `tp`; ints are accepted where floats are."""
+    """Check `value` against the field type `tp`; ints are accepted where floats are, and
+    numpy / torch scalars as the Python values they hold (`plain_value`)."""
+    value = plain_value(value)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -257,7 +283,7 @@ def parse_value(text: str) -> Any:
     """TOML syntax for the value (1, 0.5, true, [1, 2], "x"); anything else is a string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # not TOML (or nested past Python's stack)
         return text
 
 
@@ -412,8 +438,10 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with open(p, "rb") as fh:
             return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except ValueError as exc:  # TOMLDecodeError, a bad encoding, an int past 4300 digits
+        raise ConfigError(f"{path}: not valid TOML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
 
 
 def load_raw(path: str | os.PathLike[str] | None = None,
@@ -517,10 +545,14 @@ def check_optimizer(s: SearchConfig) -> None:
 
 
 def toml_value(value: Any) -> str:
+    """`value` in TOML syntax; numpy and torch values as the Python values they hold."""
+    value = plain_value(value)
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
+    if isinstance(value, int):
+        return repr(int(value))
+    if isinstance(value, float):
+        return repr(float(value))  # not a subclass's repr (np.float64(0.2) is a float)
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, (list, tuple)):

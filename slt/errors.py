@@ -13,6 +13,11 @@ class ConfigError(SltError):
     """A config key, value or combination that cannot be run."""
 
 
+class ArgumentError(ConfigError, TypeError):
+    """A public function called with an argument of the wrong type or value
+    (slt.arguments): one line naming the argument, what it must be and what was given."""
+
+
 class DataError(SltError):
     """A dataset that cannot be found or read."""
 

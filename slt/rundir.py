@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slt.errors import StorageError, storage_error
+from slt.errors import StorageError, first_line, storage_error
 
 if TYPE_CHECKING:
     from slt.config import Config
@@ -185,7 +185,7 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
             continue
         try:
             row = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # bad bytes, bad JSON, nested past the stack
             bad += 1
             continue
         if isinstance(row, dict) and isinstance(row.get("epoch"), int) \
@@ -213,6 +213,10 @@ def read_json(path: Path) -> tuple[dict[str, Any] | None, str]:
         return None, f"{path.name} is not UTF-8 text"
     except json.JSONDecodeError as exc:
         return None, f"{path.name} is not valid JSON ({exc.msg} at line {exc.lineno})"
+    except RecursionError:
+        return None, f"{path.name} is not valid JSON (nested too deeply)"
+    except ValueError as exc:  # an integer of more digits than Python converts
+        return None, f"{path.name} is not valid JSON ({first_line(exc)})"
     if not isinstance(obj, dict):
         return None, f"{path.name} holds a JSON {type(obj).__name__}, not an object"
     return obj, ""
@@ -283,7 +287,7 @@ def locate_run(out_root: Path, cfg: Config) -> Path:
 def ticket_damage(path: Path, expect_hash: str | None = None) -> str:
     """What is wrong with a ticket file ("" when it is intact): missing, unreadable,
     truncated, failing its checksum, or (with `expect_hash`) another config's ticket.
-    Cheaper than loading it: the header alone is parsed."""
+    Cheaper than loading it: the header alone is parsed (slt.ticket.load checks the rest)."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -300,8 +304,8 @@ def ticket_damage(path: Path, expect_hash: str | None = None) -> str:
             (length,) = struct.unpack("<Q", raw[len(MAGIC):start])
             header = json.loads(raw[start:start + length].decode("utf-8"))
             found = header.get("config_hash") if isinstance(header, dict) else None
-        except (ValueError, struct.error):
+        except (ValueError, struct.error, RecursionError):  # a header nested 100,000 deep
             found = None
         if found != expect_hash:
-            return f"{path.name} is the ticket of another config (hash {found})"
+            return f"{path.name} is the ticket of another config (hash {str(found)[:40]})"
     return ""
