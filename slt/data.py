@@ -13,7 +13,7 @@ import dataclasses
 import io
 import math
 import os
-import pickle
+import struct
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ from torch import Tensor
 
 from slt.config import DataConfig, default_data_root
 from slt.errors import DataError, first_line
+from slt.pickles import ForbiddenPickle, as_array, load_array_pickle
 from slt.registry import Registry
 from slt.seeding import generator
 from slt.spec import DataSpec
@@ -158,11 +159,30 @@ def load_data(cfg: DataConfig) -> Splits:
     splits = DATASETS.get(cfg.name)(cfg)
     if not (cfg.train_limit or cfg.test_limit):
         return splits
-    train = balanced_subset(splits.train_y, cfg.train_limit)
-    test = balanced_subset(splits.test_y, cfg.test_limit)
+    train = limited_subset(splits.train_y, cfg.train_limit, "train", cfg.name)
+    test = limited_subset(splits.test_y, cfg.test_limit, "test", cfg.name)
     return dataclasses.replace(
         splits, train_x=splits.train_x[train], train_y=splits.train_y[train],
         test_x=splits.test_x[test], test_y=splits.test_y[test], origin=None)
+
+
+def limited_subset(labels: Tensor, limit: int, split: str, dataset: str) -> Tensor:
+    """`balanced_subset` of a split for `data.<split>_limit`, after checking that the
+    limit describes the subset used: a DataError when it exceeds the split (the run would
+    use every example while its id, which hashes the limit, claims a subset) or cannot
+    give each class of the split one example (a different task, not a smaller one)."""
+    if limit:
+        n, classes = len(labels), int(torch.unique(labels).numel())
+        key = f"data.{split}_limit = {limit}"
+        if limit > n:
+            raise DataError(f"{key} exceeds the {n} {split} examples of dataset {dataset}: "
+                            f"the run would use all {n} while its id names {limit}; set it "
+                            f"to at most {n}, or to 0 for all")
+        if limit < classes:
+            raise DataError(f"{key} is fewer than the {classes} classes of the {split} "
+                            f"split of dataset {dataset}: some classes would have no "
+                            f"example; set it to at least {classes}, or to 0 for all")
+    return balanced_subset(labels, limit)
 
 
 def balanced_subset(labels: Tensor, limit: int) -> Tensor:
@@ -479,32 +499,55 @@ def read_cifar_pickle(path: Path, label_key: str, name: str) -> tuple[Tensor, Te
     """One batch file of CIFAR's python release: uint8 (N, 3, 32, 32) images and labels.
 
     Read here rather than by torchvision, which only says "not found or corrupted" for a
-    file that fails its checksum; this one names the file and what is wrong with it.
+    file that fails its checksum; this one names the file and what is wrong with it. The
+    file is data from elsewhere: `slt.pickles` admits only what a CIFAR batch holds (no
+    code runs), and memory stays within a small multiple of the file's size.
     """
     try:
-        with open(path, "rb") as fh:
-            entry = pickle.load(fh, encoding="latin1")
+        raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"dataset {name}: cannot read {path}: {exc.strerror or exc}") from None
+    not_cifar = f"dataset {name}: {path} is not a CIFAR python batch file"
+    try:
+        entry = load_array_pickle(raw)
+    except ForbiddenPickle as exc:
+        raise DataError(f"{not_cifar}: it asks for {first_line(exc)}, which a CIFAR batch "
+                        f"never holds (only dicts, lists, strings, numbers and numpy "
+                        f"arrays); it was not run; replace the file") from None
     except Exception as exc:  # unpickling a damaged file can raise nearly anything
-        raise DataError(f"dataset {name}: {path} is not a CIFAR python batch file "
-                        f"({type(exc).__name__}: {first_line(exc)}); replace it") from None
+        raise DataError(f"{not_cifar} ({type(exc).__name__}: {first_line(exc)}); "
+                        f"replace it") from None
+    if isinstance(entry, dict):  # a Python 3 copy may have bytes keys
+        entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
     if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
         raise DataError(f"dataset {name}: {path} lacks the 'data' and '{label_key}' entries "
                         f"of a CIFAR python batch file; replace it")
-    data = np.asarray(entry["data"])
+    data = as_array(entry["data"])
+    if data is None:
+        raise DataError(f"{not_cifar}: its 'data' is a {type(entry['data']).__name__}, "
+                        f"not a numpy array; replace it")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"dataset {name}: {path} holds data of shape {data.shape} "
                         f"({data.dtype}), expected uint8 rows of 3072 = 3x32x32 pixels")
-    try:
-        labels = np.asarray(entry[label_key], dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):
-        labels = np.zeros((0, 0))
-    if labels.ndim != 1:
+    labels = cifar_labels(entry[label_key])
+    if labels is None:
         raise DataError(f"dataset {name}: {path} holds '{label_key}' that are not a list of "
                         f"integers; replace it")
     x = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
     return x, torch.from_numpy(labels)
+
+
+def cifar_labels(value: object) -> np.ndarray | None:
+    """int64 labels from a list of ints (or an integer array); None for anything else.
+    Element by element: `np.asarray` of a list of lists would allocate what they nest."""
+    array = as_array(value)
+    if array is not None:
+        return array.astype(np.int64) if array.ndim == 1 and array.dtype.kind in "iu" else None
+    if not isinstance(value, (list, tuple)):
+        return None
+    if not all(type(v) is int and -(2**63) <= v < 2**63 for v in value):
+        return None
+    return np.array(value, dtype=np.int64).reshape(-1)
 
 
 def _cifar(name: str, cls_name: str, folder: str, num_classes: int, cfg: DataConfig,
@@ -592,17 +635,67 @@ def _torchvision_decoder() -> Callable[[bytes], Tensor] | None:
     return decode
 
 
+JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOFn markers (not DHT...)
+
+
+def image_pixels(raw: bytes) -> int | None:
+    """Width x height from a PNG's or JPEG's header (None for other formats or a header
+    that cannot be parsed): a few byte reads, so every image is sized before decoding."""
+    if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR" and len(raw) >= 24:
+        width, height = struct.unpack_from(">II", raw, 16)
+        return width * height
+    if raw[:2] != b"\xff\xd8":
+        return None
+    at, end = 2, len(raw) - 9
+    while at <= end:  # walk the marker segments up to the frame header
+        if raw[at] != 0xFF:
+            return None
+        marker = raw[at + 1]
+        if marker in JPEG_FRAMES:
+            height, width = struct.unpack_from(">HH", raw, at + 5)
+            return width * height
+        at += 1 if marker == 0xFF else 2 + (raw[at + 2] << 8 | raw[at + 3])
+    return None
+
+
+def _too_large(path: Path, raw: bytes) -> None:
+    """A DataError when the image's header claims more pixels than PIL's decompression-bomb
+    limit (`PIL.Image.MAX_IMAGE_PIXELS`, 89 million): a file of a few hundred bytes would
+    otherwise make the decoder allocate gigabytes. PIL reads the header of other formats."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None:  # the user turned PIL's check off
+        return
+    pixels = image_pixels(raw)
+    if pixels is None:
+        try:
+            with Image.open(io.BytesIO(raw)) as im:  # lazy: the header only
+                pixels = im.size[0] * im.size[1] * max(1, getattr(im, "n_frames", 1))
+        except Exception:  # PIL cannot tell; the decoders below will say what is wrong
+            return
+    if pixels > limit:
+        raise DataError(f"cannot read image {path}: its header claims {pixels:,} pixels, "
+                        f"over PIL's limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS); the "
+                        f"file is damaged or not meant for this dataset")
+
+
 def _decode(path: Path, fast: Callable[[bytes], Tensor] | None) -> Tensor:
-    """One image as RGB uint8 (3, H, W); PIL reads what the fast decoder cannot."""
+    """One image as RGB uint8 (3, H, W); PIL reads what the fast decoder cannot. Every
+    failure, in this process or a DataLoader worker, is one DataError naming the file."""
     try:
         with open(path, "rb") as fh:
             raw = fh.read()
     except OSError as exc:
         raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    if not raw:
+        raise DataError(f"cannot read image {path}: the file is empty (0 bytes); replace it "
+                        f"or remove it")
+    _too_large(path, raw)
     if fast is not None:
         try:
             return fast(raw)
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             pass
     from PIL import Image, UnidentifiedImageError
 
@@ -612,7 +705,7 @@ def _decode(path: Path, fast: Callable[[bytes], Tensor] | None) -> Tensor:
     except UnidentifiedImageError:
         raise DataError(f"cannot read image {path}: not an image format PIL or torchvision "
                         f"can decode") from None
-    except OSError as exc:
+    except Exception as exc:  # OSError for truncation; SyntaxError, ValueError, bombs, ...
         raise DataError(f"cannot read image {path}: {first_line(exc)}") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 

@@ -34,14 +34,14 @@ from slt.data import (
     _decode,
     _missing,
     _torchvision_decoder,
-    balanced_subset,
     crop_flip,
     data_root,
     epoch_order,
+    limited_subset,
     list_image_tree,
     rank_slice,
 )
-from slt.errors import DataError
+from slt.errors import DataError, first_line
 from slt.registry import Registry
 from slt.seeding import generator
 from slt.spec import DataSpec
@@ -206,10 +206,19 @@ def imagenet_eval_image(img: Tensor) -> Tensor:
     return TF.center_crop(out, [IMAGENET_SIZE, IMAGENET_SIZE])
 
 
+def worker_failure(name: str, path: str, exc: Exception) -> str:
+    """The one line a worker sends back for a failed image (a DataError's own message):
+    an exception raised in a DataLoader worker would reach the main process wrapped in
+    the worker's traceback."""
+    if isinstance(exc, DataError):
+        return str(exc)
+    return f"dataset {name}: cannot read image {path}: {type(exc).__name__}: {first_line(exc)}"
+
+
 class _Reader(Dataset):
     """Decodes whole batches: `__getitems__(positions)` gives uint8 (B, C, H, W) and labels
-    for positions of an epoch (or of the test set), or the message of a DataError (a
-    worker's exception would come back wrapped in a traceback, not as one line)."""
+    for positions of an epoch (or of the test set), or the one line of what went wrong
+    (`worker_failure`: a worker's exception would come back wrapped in a traceback)."""
 
     def __init__(self, name: str, files: Sequence[str], labels: Tensor, shape: tuple[int, ...],
                  recipe: str, train: bool, perm: Tensor | None = None,
@@ -231,12 +240,14 @@ class _Reader(Dataset):
         pos = torch.tensor(positions, dtype=torch.int64)
         index = self.perm[pos] if self.perm is not None else pos
         images = []
+        path = ""
         try:
             with _quiet():
                 for p, i in zip(positions, index.tolist()):
-                    images.append(self._image(Path(self.files[i]), p))
-        except DataError as exc:
-            return str(exc)
+                    path = self.files[i]
+                    images.append(self._image(Path(path), p))
+        except Exception as exc:  # sent back as one line, not a traceback
+            return worker_failure(self.name, path, exc)
         x = torch.stack(images) if images else torch.empty((0, *self.shape), dtype=torch.uint8)
         if self.crops:
             x = crop_flip(x, *(t[pos] for t in self.crops))
@@ -275,12 +286,14 @@ class _Counter(Dataset):
         if self._decode is None:
             self._decode = _decoder()
         counts = torch.zeros(self.shape[0], 256, dtype=torch.int64)
+        path = ""
         try:
             with _quiet():
                 for i in indices:
-                    self._add(self._decode(Path(self.files[i])), self.files[i], counts)
-        except DataError as exc:
-            return str(exc)
+                    path = self.files[i]
+                    self._add(self._decode(Path(path)), path, counts)
+        except Exception as exc:  # sent back as one line, not a traceback
+            return worker_failure(self.name, path, exc)
         return counts
 
 
@@ -365,6 +378,9 @@ class StreamBatches(BatchSource):
         self.workers = cfg.workers
         self.recipe = files.recipe
         self.classes = files.classes
+        # the limits are checked (as load_data does) before any image is decoded
+        keep_train = limited_subset(files.train_y, cfg.train_limit, "train", files.name)
+        keep_test = limited_subset(files.test_y, cfg.test_limit, "test", files.name)
         started = time.perf_counter()
         mean, std = files.mean or IMAGENET_MEAN, files.std or IMAGENET_STD
         shape: tuple[int, ...] = (3, IMAGENET_SIZE, IMAGENET_SIZE)  # what the crops give
@@ -380,10 +396,8 @@ class StreamBatches(BatchSource):
         self.augment = cfg.augment and (files.recipe == IMAGENET or shape == (3, 32, 32))
         train, test = files.train_y, files.test_y
         if cfg.train_limit or cfg.test_limit:  # as load_data: the same balanced subsets
-            keep_train = balanced_subset(train, cfg.train_limit).tolist()
-            keep_test = balanced_subset(test, cfg.test_limit).tolist()
-            self.train_files = tuple(files.train_files[i] for i in keep_train)
-            self.test_files = tuple(files.test_files[i] for i in keep_test)
+            self.train_files = tuple(files.train_files[i] for i in keep_train.tolist())
+            self.test_files = tuple(files.test_files[i] for i in keep_test.tolist())
             train, test = train[keep_train], test[keep_test]
         else:
             self.train_files, self.test_files = files.train_files, files.test_files
@@ -404,7 +418,7 @@ class StreamBatches(BatchSource):
             if dist is not None:
                 chunks = chunks[rank::world]
             reader = _Counter(files.name, paths, shape, files.train_files[0], count)
-            for out in self._loader(reader, chunks, pin=False):
+            for out in self._drain(self._loader(reader, chunks, pin=False)):
                 if isinstance(out, str):
                     failure = failure or out
                     break
@@ -433,9 +447,20 @@ class StreamBatches(BatchSource):
                           pin_memory=self.device.type == "cuda" if pin is None else pin,
                           **extra)
 
+    def _drain(self, loader: DataLoader) -> Iterator[Any]:
+        """What the workers send; a worker that died (a decoder crashing on a crafted
+        image, or the machine out of memory) is one DataError, not torch's traceback."""
+        try:
+            yield from loader
+        except RuntimeError as exc:
+            if "DataLoader worker" not in str(exc):
+                raise
+            raise DataError(f"dataset {self.name}: a data.workers process ended unexpectedly "
+                            f"({first_line(exc)}): an image crashed its decoder, or memory "
+                            f"ran out") from None
 
     def _batches(self, loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
-        for out in loader:
+        for out in self._drain(loader):
             if isinstance(out, str):
                 raise DataError(out)
             x, y = out
