@@ -5,7 +5,9 @@ exists, not as a torch traceback halfway through `build_network` or as the OOM k
 `check_fits` estimates the memory of a search from the exact weight counts (the model laid
 out on the meta device) and refuses what cannot fit; `allocation_error` turns an allocation
 that fails anyway (an estimate is rough; other processes use memory too) into the same kind
-of one-line error.
+of one-line error. `network_layout` gives the same network's layers and buffers, also
+from the meta device: what a ticket file's header must match before anything is read into
+memory for it.
 
 Bytes per weight, measured as the peak RSS of one-epoch CPU searches (`slt.engine.run_search`
 on an MLP 1000 -> 40,000 -> 10, so 40.4M prunable weights, planted-teacher data, batch 128)
@@ -33,12 +35,15 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from slt.config import Config
 from slt.errors import ConfigError, SltError
+from slt.layers import masked_layers
+from slt.models import build_model
 from slt.network import WeightCount, count_weights
 from slt.spec import DataSpec
 
@@ -130,6 +135,55 @@ def _count(cfg: Config, spec: DataSpec) -> WeightCount:
             raise
         raise ConfigError(f"{_size_asked(cfg)} has a layer too large for torch's 64-bit "
                           f"sizes; {_hint(cfg)}") from None
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """One prunable layer as `build_network` would build it."""
+
+    name: str
+    shape: tuple[int, ...]
+    searched: bool
+    n_source: int
+
+
+@dataclass(frozen=True)
+class NetworkLayout:
+    """The network of a config, known without allocating a weight: its prunable layers
+    and the state-dict entries a ticket stores besides them (BatchNorm statistics, ...)."""
+
+    layers: tuple[LayerLayout, ...]
+    buffers: dict[str, tuple[int, ...]]
+
+
+def stored_in_ticket(name: str, value: torch.Tensor) -> bool:
+    """Whether a ticket stores this state-dict entry: not the scores (the search state) and
+    not BatchNorm's integer step counters."""
+    return not (name.endswith(".scores") or (not value.dtype.is_floating_point
+                                              and value.dim() == 0))
+
+
+def network_layout(cfg: Config, spec: DataSpec) -> NetworkLayout:
+    """The layout of the network `build_network(cfg, spec)` builds, laid out on the meta
+    device: what a file claiming to hold that network must match before anything is
+    allocated for it (a ticket's header is checked against it). ConfigError for a config
+    whose network cannot be laid out (an unknown model, a size past torch's limits)."""
+    count = _count(cfg, spec)
+    with torch.device("meta"):
+        body = build_model(cfg.model, spec)
+    layers = masked_layers(body)
+    if len(layers) != len(count.layers):  # the same model laid out twice: never differs
+        raise ConfigError(f"model {cfg.model.name} builds a different network on each call")
+    last = len(layers) - 1
+    rows = tuple(
+        LayerLayout(name, tuple(layer.weight_shape),
+                    not ((i == 0 and cfg.model.first_layer_dense)
+                         or (i == last and cfg.model.last_layer_dense)), n_source)
+        for i, (layer, (name, _, n_source)) in enumerate(zip(layers, count.layers))
+    )
+    buffers = {name: tuple(value.shape) for name, value in body.state_dict().items()
+               if stored_in_ticket(name, value)}
+    return NetworkLayout(rows, buffers)
 
 
 def check_fits(cfg: Config, spec: DataSpec, device: torch.device) -> None:

@@ -28,10 +28,12 @@ from tqdm import tqdm
 from slt import ticket as ticket_io
 from slt import topk
 from slt.capacity import allocation_error, allocation_errors, check_fits
+from slt.checkpoint import CheckpointDamage, check_checkpoint, load_checkpoint
 from slt.config import Config, config_hash, config_hashes, to_toml
 from slt.data import Batches, open_batches
 from slt.errors import ConfigError, NonFiniteScoreError, SltError, first_line, storage_error
 from slt.fileio import atomic_torch_save, atomic_write_text
+from slt.hardware import check_run_modes
 from slt.network import SltNetwork, build_network
 from slt.platform import Platform, resolve_device
 from slt.rundir import (
@@ -90,34 +92,6 @@ def evaluate(net: SltNetwork, batches: Batches, batch_size: int) -> tuple[float,
     return loss_sum / n, correct / n
 
 
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_test_acc", "best_epoch",
-                   "elapsed", "config_hash")
-
-
-def _load_checkpoint(path: Path, device: torch.device, cfg: Config) -> dict[str, Any] | None:
-    """The run's checkpoint, checked to be slt's and this config's; None when there is none.
-    Anything else is one error line saying what to do: never a half-applied resume."""
-    if not path.exists():
-        return None
-    fix = "move it away (or delete it) to restart this run from scratch"
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:
-        raise SltError(f"{path} is unreadable ({type(exc).__name__}): {fix}") from None
-    if not isinstance(ckpt, dict):
-        raise SltError(f"{path} is not a checkpoint of slt (it holds a "
-                       f"{type(ckpt).__name__}): {fix}")
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise SltError(f"{path} is not a checkpoint of slt (no {', '.join(missing)}): {fix}")
-    if ckpt["config_hash"] not in config_hashes(cfg):
-        raise SltError(f"{path} belongs to another config: {fix}")
-    epoch = ckpt["epoch"]
-    if not isinstance(epoch, int) or not 0 <= epoch <= cfg.search.epochs:
-        raise SltError(f"{path} records epoch {epoch!r}, outside 0..{cfg.search.epochs}: {fix}")
-    return ckpt
-
-
 def run_search(
     cfg: Config,
     out_root: str | Path,
@@ -149,6 +123,8 @@ def run_search(
         raise ConfigError(f"search.batch_size ({cfg.search.batch_size}) must be a multiple of "
                           f"the number of processes ({platform.world}): it is the global batch")
     check_available(cfg)  # run.tensorboard without the package: one line, nothing written
+    # run.compile without a compiler: one line, nothing written; a slow precision: a warning
+    check_run_modes(cfg.run, platform.device, warn=platform.is_main)
     # rank 0 finds the directory (a legacy name renamed once); every rank uses its answer
     found = None
     if platform.is_main:
@@ -345,12 +321,19 @@ class Search:
     # --- restore --------------------------------------------------------------------------
 
     def restore(self) -> None:
-        """Continue from the checkpoint, if any (every rank reads the same one)."""
+        """Continue from the checkpoint, if any (every rank reads the same one), after every
+        field is checked against this run (a damaged one is one line, left in place)."""
         path = self.run_dir / CHECKPOINT
-        ckpt = _load_checkpoint(path, self.platform.device, self.cfg)
+        ckpt = load_checkpoint(path, self.platform.device, self.cfg)
         if ckpt is None:
             return
         fix = f"move {path} away (or delete it) to restart this run from scratch"
+        try:
+            check_checkpoint(ckpt, self.cfg, self.net, self.params, self.steps_per_epoch,
+                             self.platform.device)
+        except CheckpointDamage as exc:
+            field, problem = exc.args
+            raise SltError(f"{path} is damaged: {field} {problem}: {fix}") from None
         try:
             self.net.body.load_state_dict(ckpt["model"])
             for layer, weight in zip(self.net.searched_layers, ckpt.get("weights", [])):

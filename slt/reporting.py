@@ -32,8 +32,8 @@ from slt.config import (
     from_dict,
     read_toml,
 )
-from slt.errors import SltError, storage_error
-from slt.fileio import atomic_write_text
+from slt.errors import SltError, StorageError
+from slt.fileio import atomic_write_text, output_dir, output_file
 from slt.rundir import (
     CONFIG,
     ERROR,
@@ -231,12 +231,16 @@ class Study:
     runs: list[Run]
     varying: list[str]
     _tickets: dict[Path, Any] = field(default_factory=dict, repr=False)
+    ticket_errors: dict[Path, str] = field(default_factory=dict, repr=False)
 
     def ticket(self, run: Run) -> Any:
         """The run's ticket, read once per report (a dense run's serves many pairs and
-        groups); None when it is missing or unreadable."""
+        groups); None when it is missing or unreadable (why: in `ticket_errors`, for the
+        report's notes, so a table never loses a run silently)."""
         if run.path not in self._tickets:
-            self._tickets[run.path] = _load_ticket(run)
+            self._tickets[run.path], problem = _load_ticket(run)
+            if problem:
+                self.ticket_errors[run.path] = problem
         return self._tickets[run.path]
 
     @property
@@ -270,14 +274,14 @@ def accuracy_table(study: Study) -> tuple[list[str], list[list[str]], dict[tuple
 # --- survival: the dense ticket inside sparser sources --------------------------------------
 
 
-def _load_ticket(run: Run) -> Any:
-    """The run's ticket, or None when it is missing or unreadable (reported as absent)."""
+def _load_ticket(run: Run) -> tuple[Any, str]:
+    """The run's ticket and "", or None and why it cannot be read."""
     from slt import ticket as ticket_io
 
     try:
-        return ticket_io.load(run.path / "ticket.slt")
-    except SltError:
-        return None
+        return ticket_io.load(run.path / "ticket.slt"), ""
+    except SltError as exc:
+        return None, str(exc)
 
 
 def _ticket_digest(run: Run) -> str | None:
@@ -512,15 +516,29 @@ def write_csv(path: Path, runs: list[Run], unreadable: list[Unreadable] = ()) ->
     atomic_write_text(path, buf.getvalue())
 
 
+def report_folder(out: str | os.PathLike[str], run_dirs: list[Path]) -> Path:
+    """The report's folder, created when missing, once it is safe to write: a folder (not a
+    file, device or FIFO), not inside a run directory it reports, and where report.md,
+    results.csv and every PNG are new or regular files outside the run directories (a
+    symlink among them is written through, its link kept). Else one StorageError line."""
+    out_dir = output_dir(out, name="report folder")
+    real = Path(os.path.realpath(out_dir))
+    for run_dir in run_dirs:
+        if real.is_relative_to(os.path.realpath(run_dir)):
+            raise StorageError(f"cannot use {os.fspath(out)} as the report folder: it is "
+                               f"inside the run directory {run_dir}, which the report reads")
+    for name in ("report.md", "results.csv", *sorted(p.name for p in out_dir.glob("*.png"))):
+        output_file(out_dir / name, run_dirs)
+    return out_dir
+
+
 def write_report(runs_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
                  evaluate_survival: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Write report.md, results.csv and plots; returns the report.md path."""
+    """Write report.md, results.csv and plots; returns the report.md path. The folder and
+    every file in it are checked before anything is written (`report_folder`)."""
     runs, unreadable = load_runs(runs_dir)
-    out_dir = Path(out) if out else Path(runs_dir) / "report"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise storage_error(exc, "create the report folder", out_dir) from None
+    out_dir = report_folder(Path(runs_dir) / "report" if out is None else out,
+                            [r.path for r in (*runs, *unreadable)])
     notes: list[str] = []
 
     def note(text: str) -> None:
@@ -587,6 +605,8 @@ def write_report(runs_dir: str | os.PathLike[str], out: str | os.PathLike[str] |
         if profiles:
             md += ["## Layerwise source densities\n", _profile_table(profiles)]
             md.append(plots.profiles(profiles))
+        for problem in study.ticket_errors.values():
+            note(f"left out of the survival and overlap tables: {problem}")
     if running:
         state = {"running": "running", "interrupted": "interrupted (its process is gone): "
                  "rerun its search to resume"}

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +27,13 @@ import torch
 from torch import Tensor
 
 from slt.config import Config, config_hash, from_dict
-from slt.errors import TicketError
+from slt.errors import SltError, TicketError, first_line
 from slt.fileio import atomic_write_bytes
 from slt.rundir import MAGIC
 from slt.spec import DataSpec
 
 if TYPE_CHECKING:
+    from slt.capacity import LayerLayout, NetworkLayout
     from slt.network import SltNetwork
 
 FORMAT_VERSION = 1
@@ -65,6 +68,7 @@ class Ticket:
     header: dict[str, Any]
     layers: list[TicketLayer]
     buffers: dict[str, Tensor] = field(default_factory=dict)
+    path: Path | None = None  # the file it was read from: an export never overwrites it
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -94,10 +98,11 @@ def _pack(mask: Tensor) -> bytes:
     return np.packbits(mask.reshape(-1).cpu().numpy().astype(np.uint8)).tobytes()
 
 
-def _unpack(data: bytes, shape: tuple[int, ...]) -> Tensor:
-    n = int(np.prod(shape))
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=n).astype(bool)
-    return torch.from_numpy(bits).view(shape)
+def _unpack(payload: memoryview, span: tuple[int, int], shape: tuple[int, ...]) -> Tensor:
+    """The boolean mask packed in `span` of the payload (checked to hold exactly it)."""
+    n = math.prod(shape)
+    packed = np.frombuffer(payload, dtype=np.uint8, count=span[1], offset=span[0])
+    return torch.from_numpy(np.unpackbits(packed, count=n).view(bool)).view(shape)
 
 
 def save(
@@ -158,7 +163,13 @@ def save(
 
 
 def load(path: str | os.PathLike[str]) -> Ticket:
-    """Read and verify a ticket file."""
+    """Read and verify a ticket file.
+
+    The checksum detects damage, not intent: anyone can rewrite a header and its checksum.
+    So every header field is checked against the network its own config builds (laid out on
+    the meta device, `slt.capacity.network_layout`) before anything is allocated for it, and
+    every span must lie inside the file: memory stays a small multiple of the file's size.
+    Any malformed field is one TicketError naming the file and the field."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -173,46 +184,282 @@ def load(path: str | os.PathLike[str]) -> Ticket:
         return _parse(body, path)
     except TicketError:
         raise
-    except (ValueError, KeyError, TypeError, IndexError, struct.error, RuntimeError) as exc:
-        # the checksum holds, so this file was written this way: not slt's, or a bug
+    except (ValueError, KeyError, TypeError, IndexError, struct.error, RuntimeError,
+            RecursionError, OverflowError, MemoryError) as exc:
+        # every field was checked: not slt's file, or a bug; one line either way
         raise TicketError(f"{path}: not a ticket this slt can read "
-                          f"({type(exc).__name__}: {exc})") from None
+                          f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
-def _parse(body: bytes, path: Path) -> Ticket:
-    (head_len,) = struct.unpack("<Q", body[len(MAGIC):len(MAGIC) + 8])
+def _header(body: bytes, path: Path) -> tuple[dict[str, Any], memoryview]:
+    """The JSON header (a dict with every key) and the payload after it."""
     start = len(MAGIC) + 8
-    header = json.loads(body[start:start + head_len].decode("utf-8"))
+    (head_len,) = struct.unpack("<Q", body[len(MAGIC):start])
+    if head_len > len(body) - start:
+        raise TicketError(f"{path}: malformed ticket: the header length field says {head_len} "
+                          f"bytes but the file holds {len(body) - start} after it")
+    try:
+        header = json.loads(body[start:start + head_len].decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else type(exc).__name__
+        raise TicketError(f"{path}: malformed ticket: the header is not JSON ({why})") from None
     if not isinstance(header, dict):
-        raise TicketError(f"{path}: the ticket header is not a JSON object")
-    if header.get("format") != FORMAT_VERSION:
-        raise TicketError(f"{path}: ticket format {header.get('format')} is not supported")
+        raise TicketError(f"{path}: malformed ticket: the header is not a JSON object")
+    if not _is_int(header.get("format")) or header["format"] != FORMAT_VERSION:
+        shown = str(header.get("format"))[:40]
+        raise TicketError(f"{path}: ticket format {shown} is not supported")
     missing = [k for k in HEADER_KEYS if k not in header]
-    if missing or not {"shape", "num_classes"} <= set(header["spec"]):
+    spec = header.get("spec")
+    if missing or not isinstance(spec, dict) or not {"shape", "num_classes"} <= set(spec):
         raise TicketError(f"{path}: the ticket header lacks "
                           f"{', '.join(missing) or 'spec.shape or spec.num_classes'}; the file "
                           "was not written by slt (or by an incompatible version)")
-    payload = memoryview(body)[start + head_len:]
+    return header, memoryview(body)[start + head_len:]
 
-    def get(span: list[int]) -> bytes:
-        return bytes(payload[span[0]:span[0] + span[1]])
 
-    layers = []
-    for row in header["layers"]:
-        shape = tuple(row["shape"])
-        weight = None
-        if row["weight"] is not None:
-            weight = torch.from_numpy(
-                np.frombuffer(get(row["weight"]), dtype=np.float32).copy()).view(shape)
-        layers.append(TicketLayer(row["name"], row["index"], shape, row["searched"],
-                                  _unpack(get(row["source"]), shape),
-                                  _unpack(get(row["ticket"]), shape), weight))
-    buffers = {
-        row["name"]: torch.from_numpy(np.frombuffer(
-            get([row["offset"], row["length"]]), dtype=np.float32).copy()).view(row["shape"])
-        for row in header["buffers"]
-    }
-    return Ticket(from_dict(header["config"], origin=str(path)), header, layers, buffers)
+def _parse(body: bytes, path: Path) -> Ticket:
+    header, payload = _header(body, path)
+    check = _Checker(path, len(payload))
+    cfg, spec, layout = check.network(header)
+    embedded = header["embedded_weights"]
+    check.that(isinstance(embedded, bool), "embedded_weights", "is not true or false")
+    rows = header["layers"]
+    check.that(isinstance(rows, list) and len(rows) == len(layout.layers), "layers",
+               f"must list the {len(layout.layers)} prunable layers of the config's model "
+               f"{cfg.model.name}")
+    layers = [_layer(check, i, row, want, payload, embedded)
+              for i, (row, want) in enumerate(zip(rows, layout.layers))]
+    buffers = _buffers(check, header["buffers"], layout.buffers, payload)
+    check.header_values(header, layers)
+    return Ticket(cfg, header, layers, buffers, path)
+
+
+def _layer(check: _Checker, i: int, row: Any, want: LayerLayout, payload: memoryview,
+           embedded: bool) -> TicketLayer:
+    """Layer `i` of the header checked against the config's, then its masks read."""
+    field = f"layers[{i}]"
+    check.that(isinstance(row, dict) and set(row) >= _LAYER_KEYS, field,
+               f"is not a layer record with {', '.join(sorted(_LAYER_KEYS))}")
+    check.that(row["name"] == want.name, f"{field}.name",
+               f"is {_shown(row['name'])}, but the config's model names it {want.name!r}")
+    check.that(_is_int(row["index"]) and row["index"] == i, f"{field}.index",
+               f"is {_shown(row['index'])}, not {i}")
+    check.that(row["shape"] == list(want.shape) and all(_is_int(n) for n in row["shape"]),
+               f"{field}.shape", f"is {_shown(row['shape'])}, but the config's model has "
+               f"{list(want.shape)} there")
+    check.that(row["searched"] is want.searched, f"{field}.searched",
+               f"is {_shown(row['searched'])}, but the config says {want.searched}")
+    check.that(_is_int(row["n_source"]) and row["n_source"] == want.n_source,
+               f"{field}.n_source", f"is {_shown(row['n_source'])}, but the config's source "
+               f"has {want.n_source} edges there")
+    check.that(_is_int(row["n_ticket"]) and 0 <= row["n_ticket"] <= want.n_source,
+               f"{field}.n_ticket", f"is {_shown(row['n_ticket'])}, outside 0..{want.n_source}")
+    numel = math.prod(want.shape)
+    packed = (numel + 7) // 8
+    source = _unpack(payload, check.span(row["source"], packed, f"{field}.source"), want.shape)
+    mask = _unpack(payload, check.span(row["ticket"], packed, f"{field}.ticket"), want.shape)
+    check.that(int(source.sum()) == row["n_source"], f"{field}.source",
+               f"holds {int(source.sum())} edges, not the n_source {row['n_source']} it records")
+    check.that(int(mask.sum()) == row["n_ticket"], f"{field}.ticket",
+               f"holds {int(mask.sum())} edges, not the n_ticket {row['n_ticket']} it records")
+    check.that(not bool((mask & ~source).any()), f"{field}.ticket",
+               "has edges outside the layer's source mask")
+    check.that(want.searched or bool(mask.all()), f"{field}.ticket",
+               "of a dense (not searched) layer is not all ones")
+    weight = None
+    check.that((row["weight"] is not None) == embedded, f"{field}.weight",
+               "is missing though embedded_weights is true" if embedded else
+               "is present though embedded_weights is false")
+    if embedded:
+        offset, _ = check.span(row["weight"], 4 * numel, f"{field}.weight")
+        weight = _floats(check, payload, offset, numel, f"{field}.weight").view(want.shape)
+    return TicketLayer(want.name, i, want.shape, want.searched, source, mask, weight)
+
+
+def _buffers(check: _Checker, rows: Any, want: dict[str, tuple[int, ...]],
+             payload: memoryview) -> dict[str, Tensor]:
+    """The stored buffers (BatchNorm statistics), exactly those of the config's model."""
+    check.that(isinstance(rows, list) and all(isinstance(r, dict) and {
+        "name", "shape", "offset", "length"} <= set(r) for r in rows), "buffers",
+        "is not a list of buffer records (name, shape, offset, length)")
+    names = [r["name"] for r in rows]
+    check.that(sorted(map(str, names)) == sorted(want) and len(set(map(str, names))) == len(
+        names) and all(isinstance(n, str) for n in names), "buffers",
+        f"names {_shown(names)}, but the config's model has {sorted(want) or 'none'}")
+    out = {}
+    for r in rows:
+        field, shape = f"buffers[{r['name']}]", want[r["name"]]
+        check.that(r["shape"] == list(shape), f"{field}.shape",
+                   f"is {_shown(r['shape'])}, but the config's model has {list(shape)}")
+        numel = math.prod(shape)
+        offset, _ = check.span([r["offset"], r["length"]], 4 * numel, field)
+        out[r["name"]] = _floats(check, payload, offset, numel, field).view(shape)
+    return out
+
+
+def _floats(check: _Checker, payload: memoryview, offset: int, n: int, field: str) -> Tensor:
+    array = np.frombuffer(payload, dtype="<f4", count=n, offset=offset).astype(np.float32)
+    check.that(bool(np.isfinite(array).all()), field, "holds a NaN or an infinity")
+    return torch.from_numpy(array)
+
+
+_LAYER_KEYS = frozenset({"name", "index", "shape", "searched", "n_source", "n_ticket",
+                         "source", "ticket", "weight"})
+_DENSITY_COUNTS = ("n_prunable", "n_source", "n_ticket")
+_DENSITY_RATIOS = ("source_density", "ticket_density", "keep")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+        value)
+
+
+def _shown(value: Any) -> str:
+    """A header value for a message: short, whatever a crafted file put there."""
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Checker:
+    """Checks of one ticket's header: each failure is one TicketError naming the field;
+    spans are remembered to refuse two fields sharing bytes."""
+
+    def __init__(self, path: Path, payload_len: int) -> None:
+        self.path, self.payload_len = path, payload_len
+        self.spans: list[tuple[int, int, str]] = []
+
+    def fail(self, field: str, problem: str) -> TicketError:
+        return TicketError(f"{self.path}: malformed ticket field {field}: {problem}; the file "
+                           "was altered or not written by slt")
+
+    def that(self, ok: bool, field: str, problem: str) -> None:
+        if not ok:
+            raise self.fail(field, problem)
+
+    def span(self, span: Any, length: int, field: str) -> tuple[int, int]:
+        """[offset, length] of `length` bytes inside the payload: what the config's shape
+        needs, never what the header claims."""
+        self.that(isinstance(span, list) and len(span) == 2 and all(map(_is_int, span)),
+                  field, f"is {_shown(span)}, not an [offset, length] pair of integers")
+        offset, size = span
+        self.that(size == length, field, f"spans {size} bytes, but the config's shape needs "
+                  f"{length}")
+        self.that(0 <= offset <= self.payload_len - size, field,
+                  f"starts at byte {offset}, outside the {self.payload_len}-byte payload")
+        for start, n, other in self.spans:  # two fields never share bytes
+            self.that(offset + size <= start or start + n <= offset, field,
+                      f"overlaps {other} in the payload")
+        if size:
+            self.spans.append((offset, size, field))
+        return offset, size
+
+    def network(self, header: dict[str, Any]) -> tuple[Config, DataSpec, NetworkLayout]:
+        """The config, the data spec and the layout of the network they build (meta)."""
+        from slt.capacity import network_layout
+
+        raw = header["config"]
+        self.that(isinstance(raw, dict), "config", "is not a table of sections")
+        try:
+            cfg = from_dict(raw, origin=f"{self.path} (its config)")
+        except SltError as exc:
+            raise self.fail("config", first_line(exc)) from None
+        spec = header["spec"]
+        shape, classes = spec["shape"], spec["num_classes"]
+        self.that(isinstance(shape, list) and 1 <= len(shape) <= 4 and all(
+            _is_int(n) and 1 <= n <= 2 ** 31 for n in shape), "spec.shape",
+            f"is {_shown(shape)}, not a list of 1 to 4 sizes in 1..2^31")
+        self.that(_is_int(classes) and 1 <= classes <= 2 ** 31, "spec.num_classes",
+                  f"is {_shown(classes)}, not a count in 1..2^31")
+        data_spec = DataSpec(tuple(shape), classes)
+        try:
+            layout = network_layout(cfg, data_spec)
+        except SltError as exc:
+            raise self.fail("config", first_line(exc)) from None
+        except (RuntimeError, ValueError, TypeError, OverflowError) as exc:
+            raise self.fail("config", f"its model cannot be laid out for input "
+                            f"{list(shape)} ({type(exc).__name__}: {first_line(exc)})") from None
+        return cfg, data_spec, layout
+
+    def header_values(self, header: dict[str, Any], layers: list[TicketLayer]) -> None:
+        """The plain values: strings, digests, metrics and the densities of the layers."""
+        for key in ("torch", "config_hash"):
+            value = header[key]
+            self.that(isinstance(value, str) and 0 < len(value) <= 64 and value.isprintable(),
+                      key, f"is {_shown(value)}, not a short version or hash string")
+        self.that(isinstance(header["weights_sha256"], str)
+                  and _SHA256.fullmatch(header["weights_sha256"]) is not None,
+                  "weights_sha256", f"is {_shown(header['weights_sha256'])}, not 64 hex digits")
+        if "scorer" in header:
+            self.that(isinstance(header["scorer"], str), "scorer", "is not a name")
+        metrics = header["metrics"]
+        self.that(isinstance(metrics, dict), "metrics", "is not a table of numbers")
+        for key, value in metrics.items():
+            self.that(_is_number(value), f"metrics.{key}", f"is {_shown(value)}, not a finite "
+                      "number")
+            self.that(not key.endswith("_acc") or 0 <= value <= 1, f"metrics.{key}",
+                      f"is {value}, outside 0..1")
+        dens = header["densities"]
+        self.that(isinstance(dens, dict), "densities", "is not a table")
+        searched = [tl for tl in layers if tl.searched]
+        counts = {"n_prunable": sum(tl.mask.numel() for tl in searched),
+                  "n_source": sum(tl.n_source for tl in searched),
+                  "n_ticket": sum(tl.n_ticket for tl in searched)}
+        for key in _DENSITY_COUNTS:
+            self.that(key in dens and dens[key] == counts[key] and _is_int(dens[key]),
+                      f"densities.{key}", f"is {_shown(dens.get(key))}, but the layers hold "
+                      f"{counts[key]}")
+        for key in _DENSITY_RATIOS:
+            self.that(_is_number(dens.get(key)) and 0 <= dens[key] <= 1, f"densities.{key}",
+                      f"is {_shown(dens.get(key))}, not a fraction")
+        dense = dens.get("dense_layers")
+        self.that(isinstance(dense, list) and dense == [tl.name for tl in layers
+                                                        if not tl.searched],
+                  "densities.dense_layers", f"is {_shown(dense)}, not the config's dense layers")
+
+
+# Config keys that decide the network's layers, source or weights: overriding one makes
+# another network than the one the ticket's masks were found in.
+_NETWORK_KEYS = ("model.", "source.", "run.seed", "search.scorer", "search.keep",
+                 "search.ticket_density", "search.scope")
+
+
+def network_overrides(ticket: Ticket) -> list[str]:
+    """`key=value` of each network-shaping key where the ticket's config (overridden, say by
+    `slt eval --set`) differs from the config saved in its header."""
+    saved = _flat(from_dict(ticket.header["config"]).to_dict())
+    now = _flat(ticket.config.to_dict())
+    return [f"{key}={_shown(now.get(key))} (the ticket's: {_shown(saved.get(key))})"
+            for key in sorted(set(saved) | set(now))
+            if key.startswith(_NETWORK_KEYS) and saved.get(key) != now.get(key)]
+
+
+def _flat(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {f"{name}.{key}": value for name, body in sections.items()
+            for key, value in body.items()}
+
+
+def _mismatch(ticket: Ticket, what: str, changed: list[str]) -> TicketError:
+    """Why `what` (weights, source masks, layers) regenerated from the config differ from
+    the ticket's: an override that changed the network; else another torch when the
+    versions differ; else, same torch, an altered ticket or a machine drawing otherwise."""
+    if changed:
+        return TicketError(f"{what} regenerated from the config differ from the ticket's "
+                           f"because the override {'; '.join(changed)} changed the network; a "
+                           "ticket's masks fit only the network it was found in: evaluate it "
+                           "without that override")
+    saved, moved = ticket.header["torch"], ("; save the ticket with --embed-weights on the "
+                                            "original machine to move it")
+    if saved != torch.__version__:
+        return TicketError(f"{what} regenerated with torch {torch.__version__} differ from "
+                           f"those of the run (torch {saved}){moved}")
+    return TicketError(f"{what} regenerated from the ticket's seeds differ from those of the "
+                       f"run with the same torch ({saved}): the ticket was altered, or this "
+                       f"machine draws other random numbers{moved}")
 
 
 def rebuild(ticket: Ticket, device: torch.device) -> SltNetwork:
@@ -220,36 +467,44 @@ def rebuild(ticket: Ticket, device: torch.device) -> SltNetwork:
 
     A ticket with embedded weights uses its stored source masks and weights as they are
     (the portable form). Otherwise weights and sources are regenerated from the seeds and
-    checked against the stored masks and weight digest; a mismatch is an error.
+    checked against the stored masks and weight digest; a mismatch is an error that names
+    its cause: an override of the config, another torch, or an altered file.
     """
+    from slt.capacity import network_layout
     from slt.network import build_network
 
     shape, classes = ticket.header["spec"]["shape"], ticket.header["spec"]["num_classes"]
-    net = build_network(ticket.config, DataSpec(tuple(shape), classes))
+    spec = DataSpec(tuple(shape), classes)
+    changed = network_overrides(ticket)
+    if changed:  # checked on the meta device: an override may ask for any size
+        layout = network_layout(ticket.config, spec)
+        now = [(r.name, r.shape, r.searched) for r in layout.layers]
+        if now != [(tl.name, tl.shape, tl.searched) for tl in ticket.layers]:
+            raise _mismatch(ticket, "the network's layers", changed)
+    net = build_network(ticket.config, spec)
     layers = net.all_layers
     if len(layers) != len(ticket.layers):
-        raise TicketError("the ticket's model has a different number of layers")
+        raise _mismatch(ticket, "the network's layers", changed)
     if ticket.header["embedded_weights"]:
         for layer, tl in zip(layers, ticket.layers):
             layer.set_source(tl.weight, tl.source_mask, tl.searched)
             if tl.searched:
                 layer.scores = torch.nn.Parameter(torch.zeros(layer.n_source))
     else:
-        moved = ("; save the ticket with --embed-weights on the original machine to move it")
         for layer, tl in zip(layers, ticket.layers):
             if not torch.equal(layer.source_mask(), tl.source_mask):
-                raise TicketError(f"layer {tl.name}: the regenerated source mask differs from "
-                                  f"the ticket's (torch {torch.__version__} vs "
-                                  f"{ticket.header['torch']}){moved}")
+                raise _mismatch(ticket, f"source masks (first at layer {tl.name})", changed)
         if weights_digest(net) != ticket.header["weights_sha256"]:
-            raise TicketError(f"weights regenerated with torch {torch.__version__} differ from "
-                              f"those of the run (torch {ticket.header['torch']}){moved}")
+            raise _mismatch(ticket, "weights", changed)
     state = net.body.state_dict()
     for name, value in ticket.buffers.items():
         state[name] = value.to(state[name].dtype)
     net.body.load_state_dict(state, strict=False)
     net = net.to(device)
-    net.fix_masks(ticket.compact_masks())
+    try:
+        net.fix_masks(ticket.compact_masks())
+    except ValueError:  # the override changed the budget or the source edges
+        raise _mismatch(ticket, "the network's source edges", changed) from None
     return net
 
 
