@@ -3,7 +3,8 @@
 Each takes what a notebook has at hand (a path, a packaged config name, a Config, a dict
 of TOML tables; `--set` strings or a mapping of dotted keys) and returns plain objects.
 Mistakes raise the same `slt.errors.SltError` classes whose message the CLI prints as its
-one error line.
+one error line; arguments of a wrong type or value too (slt.arguments), before any work.
+numpy and torch scalars are numbers here; a key given the value None is a key not given.
 """
 
 from __future__ import annotations
@@ -15,8 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from slt.arguments import (
+    bool_arg,
+    callable_arg,
+    device_arg,
+    int_arg,
+    path_arg,
+    shown,
+    ticket_arg,
+)
 from slt.config import Config, apply_overrides
-from slt.errors import ConfigError
+from slt.errors import ConfigError, DataError
+from slt.fileio import output_dir
 
 if TYPE_CHECKING:
     from slt.engine import SearchResult
@@ -29,34 +40,73 @@ Overrides = Sequence[str] | Mapping[str, Any] | None
 
 
 def _override_list(overrides: Overrides) -> list[str]:
-    """`--set` strings from a list of them or from {"source.density": 0.2, ...}."""
+    """`--set` strings from a list of them or from {"source.density": 0.2, ...}. In a
+    mapping, numpy / torch scalars are their numbers and a None value is a key not given
+    (the base config's value stays, else slt's default)."""
     if overrides is None:
         return []
     if isinstance(overrides, Mapping):
-        from slt.config import toml_value
-
-        return [f"{k}={toml_value(str(v) if isinstance(v, os.PathLike) else v)}"
-                for k, v in overrides.items()]
-    if isinstance(overrides, str):
+        return [f"{_override_key(k)}={_override_value(k, v)}"
+                for k, v in overrides.items() if v is not None]
+    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, Sequence):
         raise ConfigError("overrides must be a list of 'key=value' strings or a mapping, "
-                          f"got the string {overrides!r}")
+                          f"got {shown(overrides)}")
+    for item in overrides:
+        if not isinstance(item, str):
+            raise ConfigError(f"overrides must be 'key=value' strings, got {shown(item)} in "
+                              "the list")
     return list(overrides)
+
+
+def _override_key(key: Any) -> str:
+    if not isinstance(key, str):
+        raise ConfigError(f"overrides: a key must be a 'section.key' string, got {shown(key)}")
+    return key
+
+
+def _override_value(key: str, value: Any) -> str:
+    """One override's value in TOML syntax (a path as its string)."""
+    from slt.config import toml_value
+
+    try:
+        return toml_value(os.fspath(value) if isinstance(value, os.PathLike) else value)
+    except TypeError:
+        raise ConfigError(f"overrides[{key!r}]: {shown(value)} is not a config value (a "
+                          "number, true/false, a string, or a list of them)") from None
+
+
+def _tables(config: Mapping[Any, Any]) -> dict[str, Any]:
+    """A dict config's TOML tables, plain dicts; None (a table or a value) is not given."""
+    raw: dict[str, Any] = {}
+    for name, body in config.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"config: a section name must be a string, got {shown(name)}")
+        if body is None:
+            continue
+        if isinstance(body, Mapping):
+            body = {k: v for k, v in body.items() if v is not None}
+        raw[name] = body
+    return raw
 
 
 def load_config(config: ConfigLike = None, overrides: Overrides = None) -> Config:
     """The Config a search would run: from a TOML path or packaged name (e.g.
     "mnist_lenet.toml"), a Config, a dict of TOML tables, or None (the defaults); then
     `overrides` (["source.density=0.2"] or {"source.density": 0.2}); checked, the scoring
-    rule's settings filled in, every name looked up."""
+    rule's settings filled in, every name looked up. A None value is a key not given."""
     from slt import resolve
 
     extra = _override_list(overrides)
     if isinstance(config, Config):
         return resolve.resolve(apply_overrides(config.to_dict(), extra), "config")
     if isinstance(config, Mapping):
-        raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
-        return resolve.resolve(apply_overrides(raw, extra), "config")
-    return resolve.load(config, extra)
+        return resolve.resolve(apply_overrides(_tables(config), extra), "config")
+    if config is not None and not isinstance(config, (str, os.PathLike)):
+        hint = " (a ticket's config is ticket.config)" if type(config).__name__ == "Ticket" \
+            else ""
+        raise ConfigError("config must be a TOML path, a packaged config name, a Config or a "
+                          f"dict of TOML tables, got {shown(config)}{hint}")
+    return resolve.load(None if config is None else path_arg(config, "config"), extra)
 
 
 def search(config: ConfigLike = None, *, overrides: Overrides = None,
@@ -69,6 +119,10 @@ def search(config: ConfigLike = None, *, overrides: Overrides = None,
     from slt.engine import run_search
     from slt.platform import Platform
 
+    out = output_dir(path_arg(out, "out"), create=False, name="runs folder")
+    embed_weights = bool(bool_arg(embed_weights, "embed_weights"))
+    progress = bool_arg(progress, "progress", optional=True)
+    callable_arg(log, "log")
     cfg = load_config(config, overrides)
     if progress is not None and progress != cfg.run.progress:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, progress=progress))
@@ -84,7 +138,7 @@ def load_ticket(path: PathLike) -> Ticket:
     """A ticket file (checked): its config, masks, densities; `.to_module()` for PyTorch."""
     from slt import ticket
 
-    return ticket.load(path)
+    return ticket.load(path_arg(path, "path"))
 
 
 @dataclass(frozen=True)
@@ -103,7 +157,9 @@ class Evaluation:
 def evaluate(ticket: Ticket | PathLike, data: PathLike | None = None, *,
              overrides: Overrides = None, device: str | None = None) -> Evaluation:
     """Rebuild a ticket (or a ticket file) and measure it on its dataset's test split;
-    `data` is the data root on this machine (default: $SLT_DATA when set, else the run's)."""
+    `data` is the data root on this machine (default: $SLT_DATA when set, else the run's).
+    Data whose examples or classes differ from the ticket's (an override of data.name,
+    say) is one DataError line naming both, before the network is built."""
     from slt import ticket as ticket_io
     from slt.capacity import allocation_errors
     from slt.data import open_batches
@@ -111,8 +167,14 @@ def evaluate(ticket: Ticket | PathLike, data: PathLike | None = None, *,
     from slt.platform import resolve_device
     from slt.resolve import resolve
 
-    t = ticket if not isinstance(ticket, (str, os.PathLike)) else ticket_io.load(ticket)
-    extra = _override_list(overrides)
+    if isinstance(ticket, (str, os.PathLike)):
+        t = ticket_io.load(path_arg(ticket, "ticket"))
+    else:
+        t = ticket_arg(ticket, "ticket", paths_too=True)
+    data = None if data is None else path_arg(data, "data")
+    device = device_arg(device)
+    given = _override_list(overrides)
+    extra = list(given)
     root = str(data) if data is not None else os.environ.get("SLT_DATA")
     if root and not any(o.startswith("data.root=") for o in extra):
         extra.insert(0, f"data.root={root}")
@@ -121,10 +183,28 @@ def evaluate(ticket: Ticket | PathLike, data: PathLike | None = None, *,
     t = dataclasses.replace(t, config=cfg)
     dev = resolve_device(device or cfg.run.device)
     batches = open_batches(cfg.data, dev)
+    check_data_fits(t, batches.spec, [o for o in given if o.startswith("data.")])
     with allocation_errors(cfg, batches.spec):  # a ticket found on a bigger machine
         net = ticket_io.rebuild(t, dev)
         loss, acc = evaluate_net(net, batches, cfg.search.eval_batch_size)
     return Evaluation(acc, loss, t.metrics.get("test_acc"))
+
+
+def check_data_fits(ticket: Ticket, spec: Any, changed: Sequence[str] = ()) -> None:
+    """DataError unless data of `spec` (example shape, class count) is what the ticket's
+    model was built for: the ticket's header records the spec of the data it was found on,
+    and other data would reach its first layer as a shape error deep in torch."""
+    want = ticket.header["spec"]
+    want_shape, want_classes = tuple(want["shape"]), want["num_classes"]
+    if tuple(spec.shape) == want_shape and spec.num_classes == want_classes:
+        return
+    dims = "x".join
+    why = f" (overrides: {', '.join(changed)})" if changed else ""
+    raise DataError(
+        f"the data does not fit the ticket's model: dataset "
+        f"{ticket.config.data.name} has examples of shape "
+        f"{dims(map(str, spec.shape))} in {spec.num_classes} classes, the ticket's model "
+        f"takes {dims(map(str, want_shape))} in {want_classes} classes{why}")
 
 
 def sweep_settings(sweep_file: PathLike, overrides: Overrides = None
@@ -133,7 +213,7 @@ def sweep_settings(sweep_file: PathLike, overrides: Overrides = None
     from slt.config import check_alternatives, check_key, parse_override
     from slt.sweeps import load_sweep
 
-    s = load_sweep(sweep_file)
+    s = load_sweep(path_arg(sweep_file, "sweep_file"))
     given = dict(parse_override(item) for item in _override_list(overrides))
     for key in given:
         check_key(key, "--set")
@@ -143,16 +223,23 @@ def sweep_settings(sweep_file: PathLike, overrides: Overrides = None
 
 def sweep(sweep_file: PathLike, *, out: PathLike = "runs", workers: int = 1,
           overrides: Overrides = None, progress: bool = False, report: bool = True,
-          log: Callable[[str], None] = print,
+          log: Callable[[str], None] | None = print,
           summary: Callable[[SweepOutcome], None] | None = None) -> SweepOutcome:
     """Run a sweep file's grid here (as `slt sweep`, in `workers` processes), then write its
     report; returns what happened to each point (`done`, `failed`, `skipped`, ...).
-    `summary` is called with the outcome before the report is written."""
-    from slt.errors import SltError
-    from slt.sweeps import run_sweep
+    `summary` is called with the outcome before the report is written. With workers > 1,
+    call it under `if __name__ == "__main__":` in a script: each worker imports the script
+    again (docs/api.md)."""
+    from slt.sweeps import exit_if_reimported_main, run_sweep
 
-    if workers < 1:
-        raise SltError(f"--workers must be at least 1, got {workers}")
+    out = output_dir(path_arg(out, "out"), create=False, name="runs folder")
+    workers = int_arg(workers, "workers", minimum=1)
+    if workers > 1:  # a worker importing a script without a main guard: leave at once
+        exit_if_reimported_main()
+    progress = bool(bool_arg(progress, "progress"))
+    report = bool(bool_arg(report, "report"))
+    log = callable_arg(log, "log") or _nowhere
+    callable_arg(summary, "summary")
     s, given = sweep_settings(sweep_file, overrides)
     outcome = run_sweep(s, out, workers, given, progress=progress, log=log)
     if summary is not None:
@@ -165,9 +252,17 @@ def sweep(sweep_file: PathLike, *, out: PathLike = "runs", workers: int = 1,
 
 
 def report(runs: PathLike, *, out: PathLike | None = None, evaluate_survival: bool = True,
-           log: Callable[[str], None] = print) -> Path:
+           log: Callable[[str], None] | None = print) -> Path:
     """Tables and plots (report.md, results.csv, PNGs) from a folder of run directories;
     returns report.md's path."""
     from slt.reporting import write_report
 
+    runs = path_arg(runs, "runs")
+    out = None if out is None else path_arg(out, "out")
+    evaluate_survival = bool(bool_arg(evaluate_survival, "evaluate_survival"))
+    log = callable_arg(log, "log") or _nowhere
     return write_report(runs, out, evaluate_survival=evaluate_survival, log=log)
+
+
+def _nowhere(_: str) -> None:
+    """A log that keeps nothing (log=None)."""

@@ -102,7 +102,10 @@ def cmd_bench_topk(args: argparse.Namespace) -> int:
     import torch
 
     from slt.bench import run_topk_bench
+    from slt.fileio import output_file
 
+    if args.json:  # refused before the benchmark runs, not after
+        output_file(args.json)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SltError("--device cuda, but torch sees no CUDA device")
@@ -120,7 +123,10 @@ def cmd_bench_search(args: argparse.Namespace) -> int:
     import torch
 
     from slt.bench_search import default_modes, run_search_bench
+    from slt.fileio import output_file
 
+    if args.json:  # refused before the benchmark runs, not after
+        output_file(args.json)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SltError("--device cuda, but torch sees no CUDA device")
@@ -138,7 +144,10 @@ def cmd_bench_search(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from slt.api import sweep
+    from slt.fileio import output_dir
 
+    # a file (device, FIFO) there: one line before any point runs
+    output_dir(args.out, create=False, name="runs folder")
     if args.launcher != "local":
         return _launch(args)
     if args.launcher_overrides or args.wait:
@@ -188,7 +197,7 @@ def _launch(args: argparse.Namespace) -> int:
         from slt.reporting import write_report
 
         print(f"report: {write_report(args.out)}")
-    return 1 if any(s.state in ("failed", "interrupted") for s in states) else 0
+    return 1 if any(s.state in ("failed", "interrupted", "damaged") for s in states) else 0
 
 
 def cmd_sweep_status(args: argparse.Namespace) -> int:
@@ -196,7 +205,7 @@ def cmd_sweep_status(args: argparse.Namespace) -> int:
 
     states = sweep_status(args.out)
     print(format_status(states))
-    return 1 if any(s.state == "failed" for s in states) else 0
+    return 1 if any(s.state in ("failed", "damaged") for s in states) else 0
 
 
 def cmd_scorers(args: argparse.Namespace) -> int:
@@ -238,7 +247,8 @@ def status_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="slt sweep status", description="Where every point of a sweep stands: one line "
         "per point (finished with its accuracy, running with its epoch, queued, interrupted, "
-        "failed with the reason) and a summary line. Exit 1 when a point failed.")
+        "failed with the reason, a damaged record named) and a summary line. Exit 1 when a "
+        "point failed or a record is damaged.")
     p.add_argument("out", help="the sweep's --out folder")
     p.set_defaults(func=cmd_sweep_status, command="sweep-status")
     return p
@@ -247,10 +257,12 @@ def status_parser() -> argparse.ArgumentParser:
 def cmd_export(args: argparse.Namespace) -> int:
     from slt import ticket as ticket_io
     from slt.export import EXPORTS, export
+    from slt.fileio import output_file
 
-    EXPORTS.get(args.format)  # a mistyped format fails before the ticket is read
+    EXPORTS.get(args.format)  # a mistyped format, or an --out that cannot be written,
+    output_file(args.out, [args.ticket])  # fails before the ticket is read
     ticket = ticket_io.load(args.ticket)
-    size = export(ticket, args.out, args.format, sparse=args.sparse)
+    size = export(ticket, args.out, args.format, sparse=args.sparse, inputs=[args.ticket])
     layout = ", sparse CSR" if args.sparse else ""
     print(f"wrote {args.out} ({args.format}{layout}): {size} bytes")
     return 0
@@ -317,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ticket", help="a ticket.slt file")
     p.add_argument("--format", default="state_dict", metavar="FORMAT",
                    help="state_dict (default), prune or onnx (needs the onnx extra)")
-    p.add_argument("--out", required=True, help="the file to write (replaced atomically)")
+    p.add_argument("--out", required=True, help="the file to write: a new file, or a regular "
+                   "file other than the ticket, replaced atomically (a symlink: its target)")
     p.add_argument("--sparse", action="store_true",
                    help="store mostly-pruned weights as CSR tensors (state_dict and prune)")
     p.set_defaults(func=cmd_export)

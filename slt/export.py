@@ -17,15 +17,16 @@ import importlib.util
 import io
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from slt.errors import ConfigError, ExportError, TicketError, first_line
-from slt.fileio import atomic_write_bytes
+from slt.arguments import bool_arg, device_arg, path_arg, shown, ticket_arg
+from slt.errors import ConfigError, ExportError, TicketError, first_line, storage_error
+from slt.fileio import atomic_write_bytes, output_file, torch_file_problem
 from slt.layers import MaskedConv2d, MaskedLayer, MaskedLinear
 from slt.registry import Registry
 
@@ -51,9 +52,14 @@ def to_module(ticket: Ticket, device: str | torch.device = "cpu") -> nn.Module:
 
     Weights are zero where the mask is off; BatchNorm keeps the ticket's statistics. Inputs
     are what slt's network takes: normalised by the data (slt.data), not by the module.
+    `device`: cpu, cuda, cuda:N or auto (cuda when present), checked before the rebuild.
     """
+    from slt.platform import resolve_device
     from slt.ticket import rebuild
 
+    ticket = ticket_arg(ticket)
+    name = device_arg(device, any_torch=True) or "cpu"
+    target = resolve_device(name) if name in ("auto", "cuda") else torch.device(name)
     net = rebuild(ticket, torch.device("cpu"))
     body = net.body
     with torch.no_grad():
@@ -61,7 +67,7 @@ def to_module(ticket: Ticket, device: str | torch.device = "cpu") -> nn.Module:
             for name, child in list(parent.named_children()):
                 if isinstance(child, MaskedLayer):
                     setattr(parent, name, _plain_layer(child))
-    return body.to(device).eval()
+    return body.to(target).eval()
 
 
 def _plain_layer(layer: MaskedLayer) -> nn.Module:
@@ -86,11 +92,21 @@ def layer_masks(ticket: Ticket) -> dict[str, Tensor]:
     return {tl.name: tl.mask for tl in ticket.layers}
 
 
-def export(ticket: Ticket, path: str | os.PathLike[str], fmt: str, sparse: bool = False) -> int:
+def export(ticket: Ticket, path: str | os.PathLike[str], fmt: str, sparse: bool = False,
+           *, inputs: Iterable[str | os.PathLike[str]] = ()) -> int:
     """Write the ticket in format `fmt` to `path` atomically (an old file stays whole until
-    the new one is complete); returns the file's size in bytes."""
+    the new one is complete); returns the file's size in bytes. `path` must be a new file
+    or a regular file that is none of `inputs` nor the ticket's own file; a symlink is
+    written through: slt.fileio.output_file says why, in one StorageError line."""
+    ticket_arg(ticket)
+    if not isinstance(fmt, str):
+        raise ConfigError(f"fmt must be an export format name ({', '.join(EXPORTS.names())}), "
+                          f"got {shown(fmt)}")
+    sparse = bool(bool_arg(sparse, "sparse"))
+    own = (ticket.path,) if ticket.path is not None else ()  # the file it was read from
+    target = output_file(path_arg(path, "path"), (*inputs, *own))  # before the export
     data = EXPORTS.get(fmt)(ticket, sparse)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(target, data)
     return len(data)
 
 
@@ -103,6 +119,7 @@ def _save(obj: Any) -> bytes:
 @EXPORTS.register("state_dict")
 def state_dict_bytes(ticket: Ticket, sparse: bool) -> bytes:
     """`to_module(ticket).state_dict()`; with `sparse`, mostly-pruned weights as CSR."""
+    sparse = _format_args(ticket, sparse)
     state = to_module(ticket).state_dict()
     if not sparse:
         return _save(state)
@@ -120,6 +137,7 @@ def state_dict_bytes(ticket: Ticket, sparse: bool) -> bytes:
 def prune_bytes(ticket: Ticket, sparse: bool) -> bytes:
     """torch.nn.utils.prune's form: `weight_orig` (the effective weight) and `weight_mask`
     per prunable layer, as `prune.custom_from_mask` leaves a module's state dict."""
+    sparse = _format_args(ticket, sparse)
     module = to_module(ticket)
     masks = layer_masks(ticket)
     for name, mask in masks.items():
@@ -141,7 +159,7 @@ def prune_bytes(ticket: Ticket, sparse: bool) -> bytes:
 def onnx_bytes(ticket: Ticket, sparse: bool) -> bytes:
     """An ONNX graph of the module (torch's exporter; needs onnx and onnxscript), with a
     dynamic batch dimension: input `input`, output `logits`."""
-    if sparse:
+    if _format_args(ticket, sparse):
         raise ConfigError("--sparse applies to the state_dict and prune formats; the ONNX "
                           "graph stores its weights dense")
     if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
@@ -158,6 +176,12 @@ def onnx_bytes(ticket: Ticket, sparse: bool) -> bytes:
     except Exception as exc:  # the exporter's failures are many and long: one line
         raise ExportError(f"ONNX export failed: {first_line(exc)}") from None
     return buf.getvalue()
+
+
+def _format_args(ticket: Any, sparse: Any) -> bool:
+    """The arguments every export format takes, checked: a Ticket, and sparse a bool."""
+    ticket_arg(ticket)
+    return bool(bool_arg(sparse, "sparse"))
 
 
 def _csr_pays(mask: Tensor, value_bytes: int, dense_bytes: int) -> bool:
@@ -185,14 +209,30 @@ def _csr(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """An exported state_dict or prune file as a dense state dict, sparse or not (what
-    `module.load_state_dict` takes); read with `weights_only=True`."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the loader's note that it checks sparse tensors
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+    `module.load_state_dict` takes); read with `weights_only=True`. A file that is not one
+    is one ExportError line; a file that cannot be read, one StorageError line."""
+    path = path_arg(path, "path")
+    not_ours = f"{path} is not a state dict written by slt export"
+    if problem := torch_file_problem(path):
+        raise ExportError(f"{not_ours}: {problem}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the loader's note that it checks sparse tensors
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise storage_error(exc, "read", path) from None
+    except Exception as exc:  # not a torch file, or one holding more than tensors
+        raise ExportError(f"{not_ours} ({type(exc).__name__}: {first_line(exc)})") from None
     if not isinstance(blob, dict):
-        raise ExportError(f"{path} is not a state dict written by slt export")
+        raise ExportError(not_ours)
     if SPARSE_KEY not in blob:
         return blob
-    shapes = blob["shapes"]
-    return {k: v.to_dense().float().reshape(shapes[k]) if k in shapes else v
-            for k, v in blob["state_dict"].items()}
+    shapes, state = blob.get("shapes"), blob.get("state_dict")
+    if not isinstance(shapes, dict) or not isinstance(state, dict):
+        raise ExportError(f"{not_ours}: its sparse layout lacks 'shapes' or 'state_dict'")
+    try:
+        return {k: v.to_dense().float().reshape(shapes[k]) if k in shapes else v
+                for k, v in state.items()}
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        raise ExportError(f"{not_ours}: a sparse entry does not densify to its recorded "
+                          f"shape ({first_line(exc)})") from None

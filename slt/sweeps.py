@@ -21,9 +21,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -53,6 +55,8 @@ from slt.rundir import CONFIG, ERROR, RunLock, locate_run, read_summary
 
 THEORY = "theory"
 SWEEP_KEYS = ("base", "set", "axes", "launcher")
+# Exit code of a worker that found itself re-running the sweep's script (no main guard).
+REIMPORTED_MAIN = 86
 
 
 def theory_width(density: float) -> float:
@@ -272,6 +276,26 @@ def _serve(conn: Connection, runner: Runner, out_root: str, parent: int) -> None
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # deaf to a second Ctrl-C meanwhile
 
 
+def exit_if_reimported_main() -> None:
+    """In a worker process still importing the sweep's script (spawn re-imports the main
+    module), leave quietly with REIMPORTED_MAIN: the script calls slt.sweep at its top
+    level, outside `if __name__ == "__main__":`, so the worker would start the sweep again.
+    The sweep process sees the code and says so in one line (`no_main_guard`), instead of
+    every point failing with multiprocessing's traceback. `_inheriting` is the flag
+    multiprocessing itself checks for this (spawn._check_not_importing_main)."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise SystemExit(REIMPORTED_MAIN)
+
+
+def no_main_guard() -> SltError:
+    """The one line for a sweep whose workers re-ran the script that started it."""
+    script = getattr(sys.modules.get("__main__"), "__file__", None) or "the script"
+    return SltError(f"slt.sweep with workers > 1 was called at the top level of {script}: "
+                    "every worker process imports the script again and would start the "
+                    "sweep again; put the script's code under "
+                    "'if __name__ == \"__main__\":' (docs/api.md)")
+
+
 def _death(code: int | None) -> str:
     """Why a worker process ended without answering, from its exit code."""
     if code is not None and code < 0:
@@ -337,6 +361,9 @@ def _results(points: list[Point], out_root: Path, workers: int, runner: Runner
                     result = w.conn.recv()
                 except (EOFError, OSError):  # died before answering
                     w.proc.join(5)
+                    if w.proc.exitcode == REIMPORTED_MAIN:  # nothing ran: no point failed
+                        w.stop()
+                        raise no_main_guard() from None
                     message = _death(w.proc.exitcode)
                     _write_error(point.config, out_root, message, "")
                     w.stop()
@@ -366,6 +393,8 @@ def run_sweep(sweep: Sweep, out_root: str | os.PathLike[str], workers: int = 1,
               log: Callable[[str], None] = print, runner: Runner = run_point) -> SweepOutcome:
     """Run every valid point (in `workers` processes) and report what happened. The sweep
     record is written at the end whatever happened to the points."""
+    if workers > 1:
+        exit_if_reimported_main()
     root = Path(out_root)
     overrides = dict(overrides or {})
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
