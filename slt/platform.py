@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from slt.errors import ConfigError
+from slt.errors import ConfigError, SltError, first_line
 
 # How long a collective may wait for a peer before the group gives up: a rank that died
 # takes the others down (torchrun also stops them) instead of leaving them waiting forever.
@@ -38,6 +38,71 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             raise ConfigError("run.device = 'cuda' but no CUDA device is available")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(name)
+
+
+@dataclass(frozen=True)
+class GroupEnv:
+    """This process's place in a group, as the launcher's environment states it."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+
+def _env_int(env: Mapping[str, str], name: str, minimum: int) -> int | None:
+    """`env[name]` as an integer >= minimum; None when unset."""
+    text = env.get(name)
+    if text is None:
+        return None
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise SltError(f"the environment variable {name}={text!r} is not a whole number "
+                       "(torchrun sets it; unset it to run alone)") from None
+    if value < minimum:
+        raise SltError(f"the environment variable {name}={text!r} must be at least {minimum}"
+                       " (torchrun sets it; unset it to run alone)")
+    return value
+
+
+def group_env(env: Mapping[str, str] | None = None) -> GroupEnv:
+    """RANK, WORLD_SIZE and LOCAL_RANK (of `env`, default os.environ) checked before any
+    group is joined: a stray or inconsistent variable is one line naming it, never a
+    traceback from the rendezvous, a hang waiting for a peer that cannot exist, or a
+    "rank 1" that runs alone and writes as if it were rank 0. RANK=0 or WORLD_SIZE=1 on
+    its own states "alone" and is accepted."""
+    env = os.environ if env is None else env
+    world = _env_int(env, "WORLD_SIZE", 1)
+    rank = _env_int(env, "RANK", 0)
+    local = _env_int(env, "LOCAL_RANK", 0)
+    if world is None:
+        if rank:
+            raise SltError(f"the environment variable RANK={rank} is set but WORLD_SIZE is "
+                           "not: start a group with torchrun, or unset RANK to run alone")
+        world = 1
+    if rank is None:
+        if world > 1:
+            raise SltError(f"the environment variable WORLD_SIZE={world} is set but RANK is "
+                           "not: start a group with torchrun, or unset WORLD_SIZE to run "
+                           "alone")
+        rank = 0
+    if rank >= world:
+        raise SltError(f"the environment variable RANK={rank} is not below WORLD_SIZE="
+                       f"{world}: ranks are 0 to {world - 1}")
+    local = local or 0
+    if local >= world:
+        raise SltError(f"the environment variable LOCAL_RANK={local} is not below "
+                       f"WORLD_SIZE={world}")
+    if world > 1:
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if not env.get(name, "").strip():
+                raise SltError(f"WORLD_SIZE={world} asks for a group, but the environment "
+                               f"variable {name} is not set (torchrun sets it)")
+        port = _env_int(env, "MASTER_PORT", 1)
+        if port is not None and port > 65535:
+            raise SltError(f"the environment variable MASTER_PORT={port} is not a port "
+                           "(1 to 65535)")
+    return GroupEnv(rank, world, local)
 
 
 @dataclass(frozen=True)
@@ -57,18 +122,23 @@ class Platform:
     @classmethod
     def from_env(cls, device_name: str) -> Platform:
         """This process's platform: alone, or one rank of the group torchrun started (NCCL
-        on CUDA, gloo on the CPU). Joins the group on the way."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
+        on CUDA, gloo on the CPU). Joins the group on the way; the environment is checked
+        first (`group_env`), and a rendezvous that fails is one line."""
+        group = group_env()
+        if group.world == 1:
             return cls(resolve_device(device_name))
-        rank = int(os.environ.get("RANK", "0"))
-        device = resolve_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
+        device = resolve_device(device_name, group.local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    timeout=TIMEOUT)
-        return cls(device, rank, world)
+            try:
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                        timeout=TIMEOUT)
+            except (RuntimeError, ValueError) as exc:  # DistNetworkError, DistStoreError...
+                raise SltError(f"rank {group.rank} of {group.world} could not join the "
+                               f"group at {os.environ.get('MASTER_ADDR')}:"
+                               f"{os.environ.get('MASTER_PORT')}: {first_line(exc)}") from None
+        return cls(device, group.rank, group.world)
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():

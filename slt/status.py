@@ -16,7 +16,6 @@ for jobs, the scheduler's own state. A point is
 
 from __future__ import annotations
 
-import json
 import socket
 from collections import Counter
 from dataclasses import dataclass
@@ -24,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from slt.errors import SltError
-from slt.launch import ENDED, WAITING, read_jobs, scheduler_states
+from slt.launch import (
+    ENDED,
+    WAITING,
+    DamagedRecord,
+    read_jobs_checked,
+    read_record,
+    scheduler_states,
+)
 from slt.rundir import RUN_FILES, pid_alive
 
 
@@ -36,27 +42,59 @@ class PointState:
     values: dict[str, Any]
 
 
-def _points(root: Path) -> tuple[dict[str, dict[str, Any]], set[str]]:
+def _row_problem(row: Any) -> str:
+    """Why one point of a sweep record is unusable ('' when fine; a skipped point, which
+    has no run, is fine)."""
+    if not isinstance(row, dict):
+        return f"a point is not a table but {type(row).__name__}"
+    rid = row.get("run_id")
+    if rid is None and row.get("status") == "skipped":
+        return ""
+    if not isinstance(rid, str) or not rid or "/" in rid or "\\" in rid or rid in (".", ".."):
+        return f"run id {rid!r} is not a run directory's name"
+    if not isinstance(row.get("values", {}), dict):
+        return f"{rid}: values are not a table but {type(row['values']).__name__}"
+    return ""
+
+
+def _points(root: Path) -> tuple[dict[str, dict[str, Any]], set[str], list[DamagedRecord]]:
     """run id -> axis values, from every sweep record under `root` (points sharing a run
-    appear once); and the run ids a launch that is still submitting has yet to send."""
+    appear once); the run ids a launch that is still submitting has yet to send; and the
+    records (or their points) that could not be read, with the reason."""
     out: dict[str, dict[str, Any]] = {}
     waiting: set[str] = set()
+    damaged: list[DamagedRecord] = []
     for path in sorted(root.glob("sweep-*.json")):
-        try:
-            body = json.loads(path.read_text())
-            rows = body["points"]
-        except (OSError, ValueError, KeyError, TypeError):
+        body, why = read_record(path, "points")
+        rows = body["points"] if body is not None else None
+        if body is not None and not isinstance(rows, list):
+            why = f"'points' is not a list (it is {type(rows).__name__})"
+        if why:
+            damaged.append(DamagedRecord(path, why, "points only it knew of are missing "
+                                         "from this list"))
             continue
-        submitter = body.get("submitter") if isinstance(body, dict) else None
+        assert body is not None and isinstance(rows, list)
+        submitter = body.get("submitter")
         submitting = isinstance(submitter, dict) and submitter.get("host") == \
-            socket.gethostname() and pid_alive(submitter.get("pid"))
+            socket.gethostname() and isinstance(submitter.get("pid"), int) and \
+            submitter["pid"] > 0 and pid_alive(submitter["pid"])
+        bad = []
         for row in rows:
-            if isinstance(row, dict) and row.get("run_id"):
+            if problem := _row_problem(row):
+                bad.append(problem)
+                if not (isinstance(row, dict) and isinstance(row.get("run_id"), str)
+                        and problem.startswith(f"{row['run_id']}: values")):
+                    continue  # no run to show; a run without its values is still shown
+                row = {**row, "values": {}}
+            if row.get("run_id"):
                 out.setdefault(row["run_id"], row.get("values", {}))
                 if submitting and row.get("status") == "queued":
                     waiting.add(row["run_id"])
-    return out, waiting
-
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            damaged.append(DamagedRecord(path, f"{len(bad)} of {len(rows)} points unreadable: "
+                                         f"{bad[0]}{more}"))
+    return out, waiting, damaged
 
 
 def sweep_status(out_root: str | Path) -> list[PointState]:
@@ -66,14 +104,20 @@ def sweep_status(out_root: str | Path) -> list[PointState]:
     root = Path(out_root)
     if not root.is_dir():
         raise SltError(f"no such sweep folder: {root}")
-    points, waiting = _points(root)
-    jobs = read_jobs(root)
+    points, waiting, damaged = _points(root)
+    jobs, damaged_jobs = read_jobs_checked(root)
+    damaged += damaged_jobs
     for rid, rec in jobs.items():
         points.setdefault(rid, rec.get("values", {}))
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if any((d / name).exists() for name in RUN_FILES):  # not the report's folder
             points.setdefault(d.name, {})
     if not points:
+        if damaged:  # nothing to show but the damage: that is the whole answer
+            raise SltError(f"{root} holds no readable sweep record and no run directory: "
+                           f"{damaged[0].path} is damaged: {damaged[0].reason}"
+                           + (f"; and {len(damaged) - 1} more damaged records"
+                              if len(damaged) > 1 else ""))
         raise SltError(f"{root} holds no sweep record and no run directory")
     live = scheduler_states({rid: jobs[rid] for rid in points if rid in jobs})
     states = []
@@ -114,6 +158,7 @@ def sweep_status(out_root: str | Path) -> list[PointState]:
         else:
             detail = f"{jid} ended without starting it" if jid else ""
             states.append(PointState(rid, "not started", detail, values))
+    states += [PointState(d.path.name, "damaged", str(d), {}) for d in damaged]
     return states
 
 
@@ -121,14 +166,19 @@ ORDER = ("finished", "running", "queued", "interrupted", "failed", "not started"
 
 
 def format_status(states: list[PointState]) -> str:
-    """One line per point, then the counts."""
+    """One line per point, one per damaged record, then the counts (a damaged record is
+    counted apart: it is a file, not a point)."""
     lines = []
     for s in states:
         label = ", ".join(f"{k}={v}" for k, v in s.values.items())
         lines.append(f"{s.state:11s} {s.run_id}  {s.detail}" + (f"  [{label}]" if label else ""))
-    counts = Counter(s.state for s in states)
-    lines.append(f"{len(states)} points: " + ", ".join(
-        f"{counts[k]} {k}" for k in ORDER if counts[k]))
+    points = [s for s in states if s.state != "damaged"]
+    damaged = [s.run_id for s in states if s.state == "damaged"]
+    counts = Counter(s.state for s in points)
+    lines.append(f"{len(points)} points: " + ", ".join(
+        f"{counts[k]} {k}" for k in ORDER if counts[k]) + (
+        f"; {len(damaged)} damaged record{'s' if len(damaged) > 1 else ''}: "
+        + ", ".join(damaged) if damaged else ""))
     return "\n".join(lines)
 
 
