@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,14 +48,15 @@ def _override_list(overrides: Overrides) -> list[str]:
     if isinstance(overrides, Mapping):
         return [f"{_override_key(k)}={_override_value(k, v)}"
                 for k, v in overrides.items() if v is not None]
-    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, Sequence):
+    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, Iterable):
         raise ConfigError("overrides must be a list of 'key=value' strings or a mapping, "
                           f"got {shown(overrides)}")
-    for item in overrides:
+    items = list(overrides)  # a tuple or a generator as well as a list
+    for item in items:
         if not isinstance(item, str):
             raise ConfigError(f"overrides must be 'key=value' strings, got {shown(item)} in "
                               "the list")
-    return list(overrides)
+    return items
 
 
 def _override_key(key: Any) -> str:
@@ -182,7 +183,10 @@ def evaluate(ticket: Ticket | PathLike, data: PathLike | None = None, *,
     cfg = resolve(apply_overrides(t.config.to_dict(), extra), origin)
     t = dataclasses.replace(t, config=cfg)
     dev = resolve_device(device or cfg.run.device)
-    batches = open_batches(cfg.data, dev)
+    # only the test split is measured, and train_limit changes neither it nor the
+    # normalisation (whole training set): a ticket whose run asked more than its split
+    # held (accepted before limits were checked) still evaluates
+    batches = open_batches(dataclasses.replace(cfg.data, train_limit=0), dev)
     check_data_fits(t, batches.spec, [o for o in given if o.startswith("data.")])
     with allocation_errors(cfg, batches.spec):  # a ticket found on a bigger machine
         net = ticket_io.rebuild(t, dev)

@@ -186,10 +186,15 @@ def check_checkpoint(ckpt: dict[str, Any], cfg: Config, net: SltNetwork, params:
     state = ckpt.get("scorer_state", {})
     _need(isinstance(state, dict) and all(isinstance(k, str) for k in state), "scorer_state",
           f"is {_short(state)}, not a table")
-    for key, value in state.items():
-        _need(isinstance(value, Tensor), f"scorer_state.{key}", f"is {_short(value)}, not a "
-              "tensor")
+    for key, value in state.items():  # a rule's own state: tensors or plain values
+        _need(isinstance(value, (Tensor, str, bool)) or _is_number(value),
+              f"scorer_state.{key}", f"is {_short(value)}, not a tensor or a finite value")
+        _need(not isinstance(value, Tensor) or not value.is_floating_point()
+              or bool(torch.isfinite(value).all()), f"scorer_state.{key}",
+              "holds a NaN or an infinity")
         if key == "generator":  # a random generator's state: bytes of a fixed size
+            _need(isinstance(value, Tensor), f"scorer_state.{key}",
+                  f"is {_short(value)}, not a tensor")
             size = torch.Generator(device=device).get_state().numel()
             _need(value.dtype == torch.uint8 and value.shape == (size,), f"scorer_state.{key}",
                   f"is not the {size}-byte state of a {device.type} generator")

@@ -660,13 +660,14 @@ def image_pixels(raw: bytes) -> int | None:
 
 def _too_large(path: Path, raw: bytes) -> None:
     """A DataError when the image's header claims more pixels than PIL's decompression-bomb
-    limit (`PIL.Image.MAX_IMAGE_PIXELS`, 89 million): a file of a few hundred bytes would
-    otherwise make the decoder allocate gigabytes. PIL reads the header of other formats."""
+    error (twice `PIL.Image.MAX_IMAGE_PIXELS`, 179 million; PIL only warns below it): a file
+    of a few hundred bytes would otherwise make the decoder allocate gigabytes. PIL reads
+    the header of formats other than PNG and JPEG."""
     from PIL import Image
 
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is None:  # the user turned PIL's check off
+    if Image.MAX_IMAGE_PIXELS is None:  # the user turned PIL's check off
         return
+    limit = 2 * Image.MAX_IMAGE_PIXELS
     pixels = image_pixels(raw)
     if pixels is None:
         try:
@@ -676,7 +677,7 @@ def _too_large(path: Path, raw: bytes) -> None:
             return
     if pixels > limit:
         raise DataError(f"cannot read image {path}: its header claims {pixels:,} pixels, "
-                        f"over PIL's limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS); the "
+                        f"over PIL's limit of {limit:,} (2 x PIL.Image.MAX_IMAGE_PIXELS); the "
                         f"file is damaged or not meant for this dataset")
 
 

@@ -8,8 +8,8 @@ AVX-512 BF16 EPYC). Figures: docs/scaling.md, "Which hardware serves which mode"
 And `run.compile = true` without a C++ compiler fails at the first step, after the run
 directory is made. So a run asks `check_run_modes` first: a mode that cannot run at all is
 one `ConfigError` line before anything is written; a mode that runs but slowly is one
-warning naming the reason and the faster alternative. `slt doctor` shows the same facts
-(`cpu_info`, `cxx_compiler`).
+warning naming the reason and the faster alternative. `cpu_info` and `cxx_compiler` are
+public so that a diagnostic command can show the same facts.
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ class CpuInfo:
             return True
         if self.arch not in ("x86_64", "AMD64", "i686", "i386") or not self.flags:
             return None
-        return any(flag in self.flags for flag in NATIVE_FLAGS.get(precision, ()))
+        # the flag alone is not enough: torch must run its AVX-512 kernels (a build without
+        # them, or ATEN_CPU_CAPABILITY=avx2, emulates bf16 on a bf16 CPU just the same)
+        return self.capability.upper().startswith("AVX512") and any(
+            flag in self.flags for flag in NATIVE_FLAGS.get(precision, ()))
 
 
 @functools.cache
@@ -108,10 +111,13 @@ def speed_mode_warning(precision: str, device: torch.device | str,
     cpu = cpu or cpu_info()
     if cpu.native(precision) is not False:
         return None
-    flags = " or ".join(NATIVE_FLAGS.get(precision, ()))
+    names = NATIVE_FLAGS.get(precision, ())
+    has = [flag for flag in names if flag in cpu.flags]
+    why = (f"it has {has[0]}, but torch runs its {cpu.capability} kernels" if has else
+           f"no {' or '.join(names)}; torch uses {cpu.capability}")
     better = "bf16" if precision == "fp16" and cpu.native("bf16") else "fp32"
     return (f"run.precision = '{precision}' on a CPU without native {precision} ({cpu.model}, "
-            f"no {flags}; torch uses {cpu.capability}): it is emulated and slow "
+            f"{why}): it is emulated and slow "
             f"({MEASURED.get(precision, 'measured slower than fp32')}); "
             f"run.precision = '{better}' is faster here")
 

@@ -75,6 +75,9 @@ def group_env(env: Mapping[str, str] | None = None) -> GroupEnv:
     world = _env_int(env, "WORLD_SIZE", 1)
     rank = _env_int(env, "RANK", 0)
     local = _env_int(env, "LOCAL_RANK", 0)
+    if world is None and local:
+        raise SltError(f"the environment variable LOCAL_RANK={local} is set but WORLD_SIZE "
+                       "is not: start a group with torchrun, or unset LOCAL_RANK to run alone")
     if world is None:
         if rank:
             raise SltError(f"the environment variable RANK={rank} is set but WORLD_SIZE is "

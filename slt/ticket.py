@@ -224,6 +224,8 @@ def _parse(body: bytes, path: Path) -> Ticket:
     embedded = header["embedded_weights"]
     check.that(isinstance(embedded, bool), "embedded_weights", "is not true or false")
     rows = header["layers"]
+    if layout is None:  # a plug-in's model or scheme, not installed here: the header's own
+        layout = _declared_layout(check, rows, header["buffers"])
     check.that(isinstance(rows, list) and len(rows) == len(layout.layers), "layers",
                f"must list the {len(layout.layers)} prunable layers of the config's model "
                f"{cfg.model.name}")
@@ -232,6 +234,39 @@ def _parse(body: bytes, path: Path) -> Ticket:
     buffers = _buffers(check, header["buffers"], layout.buffers, payload)
     check.header_values(header, layers)
     return Ticket(cfg, header, layers, buffers, path)
+
+
+def _declared_layout(check: _Checker, rows: Any, buffer_rows: Any) -> NetworkLayout:
+    """The layout a ticket's header declares, for a config whose model or scheme is not
+    registered here (a plug-in of the machine that searched it): checked for types and
+    ranges only. Memory stays bounded all the same: every mask and weight span must lie
+    inside the file, exactly as long as its shape needs."""
+    from slt.capacity import LayerLayout, NetworkLayout
+
+    check.that(isinstance(rows, list) and 0 < len(rows) <= 100_000, "layers",
+               "is not a list of layer records")
+    layers = []
+    for i, row in enumerate(rows):
+        field = f"layers[{i}]"
+        check.that(isinstance(row, dict) and set(row) >= _LAYER_KEYS, field,
+                   f"is not a layer record with {', '.join(sorted(_LAYER_KEYS))}")
+        shape = row["shape"]
+        check.that(isinstance(shape, list) and 1 <= len(shape) <= 5 and all(
+            _is_int(n) and 1 <= n <= 2 ** 31 for n in shape), f"{field}.shape",
+            f"is {_shown(shape)}, not a list of 1 to 5 sizes in 1..2^31")
+        check.that(isinstance(row["name"], str), f"{field}.name", "is not a string")
+        check.that(isinstance(row["searched"], bool), f"{field}.searched",
+                   "is not true or false")
+        numel = math.prod(shape)
+        check.that(_is_int(row["n_source"]) and 0 <= row["n_source"] <= numel,
+                   f"{field}.n_source", f"is {_shown(row['n_source'])}, outside 0..{numel}")
+        layers.append(LayerLayout(row["name"], tuple(shape), row["searched"], row["n_source"]))
+    check.that(isinstance(buffer_rows, list) and all(
+        isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(
+            r.get("shape"), list) and len(r["shape"]) <= 5 and all(
+            _is_int(n) and 0 <= n <= 2 ** 31 for n in r["shape"]) for r in buffer_rows),
+        "buffers", "is not a list of buffer records (name, shape, offset, length)")
+    return NetworkLayout(tuple(layers), {r["name"]: tuple(r["shape"]) for r in buffer_rows})
 
 
 def _layer(check: _Checker, i: int, row: Any, want: LayerLayout, payload: memoryview,
@@ -358,9 +393,14 @@ class _Checker:
             self.spans.append((offset, size, field))
         return offset, size
 
-    def network(self, header: dict[str, Any]) -> tuple[Config, DataSpec, NetworkLayout]:
-        """The config, the data spec and the layout of the network they build (meta)."""
+    def network(self, header: dict[str, Any]
+                ) -> tuple[Config, DataSpec, NetworkLayout | None]:
+        """The config, the data spec and the layout of the network they build (meta);
+        None for the layout when the config names a model or scheme this machine has not
+        registered (a plug-in), so that its ticket still reads (`slt report` elsewhere)."""
         from slt.capacity import network_layout
+        from slt.models import MODELS
+        from slt.source import SCHEMES
 
         raw = header["config"]
         self.that(isinstance(raw, dict), "config", "is not a table of sections")
@@ -376,6 +416,8 @@ class _Checker:
         self.that(_is_int(classes) and 1 <= classes <= 2 ** 31, "spec.num_classes",
                   f"is {_shown(classes)}, not a count in 1..2^31")
         data_spec = DataSpec(tuple(shape), classes)
+        if cfg.model.name not in MODELS or cfg.source.scheme not in (*SCHEMES, "custom"):
+            return cfg, data_spec, None
         try:
             layout = network_layout(cfg, data_spec)
         except SltError as exc:

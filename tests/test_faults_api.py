@@ -328,3 +328,27 @@ def test_sweep_with_workers_from_a_script_without_main_guard_says_so(tmp_path) -
     # no point ran or was marked failed: only the sweep's record is in the folder
     runs = tmp_path / "runs"
     assert [p.name for p in runs.iterdir()] == ["sweep-sweep.json"]
+
+
+def test_a_ticket_whose_train_limit_exceeds_its_split_still_evaluates(ticket, tmp_path
+                                                                      ) -> None:
+    """A run from before limits were checked may record a train_limit past its split: a
+    search refuses it now, but evaluating needs only the test split, which the limit does
+    not change."""
+    import dataclasses
+
+    cfg = ticket.config
+    old = dataclasses.replace(ticket, config=dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, train_limit=cfg.data.train_size + 44)))
+    result = slt.evaluate(old)
+    assert result.test_acc == slt.evaluate(ticket).test_acc == ticket.metrics["test_acc"]
+    with pytest.raises(DataError) as info:  # a search of that config is refused
+        slt.search(old.config, out=tmp_path / "runs")
+    assert f"data.train_limit = {cfg.data.train_size + 44} exceeds" in str(info.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_overrides_as_any_iterable_of_strings() -> None:
+    densities = (f"source.density={d}" for d in [0.3])  # a generator, as a notebook writes
+    assert slt.load_config("quick.toml", densities).source.density == 0.3
+    assert slt.load_config("quick.toml", ("source.density=0.4",)).source.density == 0.4

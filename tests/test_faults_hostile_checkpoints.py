@@ -235,3 +235,34 @@ def test_an_export_of_compressed_entries_is_refused(tmp_path):
         load_state_dict(path)
     assert str(info.value) == (f"{path} is not a state dict written by slt export: its "
                                "entries are compressed, which torch.save never writes")
+
+
+def test_a_rules_own_plain_state_resumes_inside_an_epoch(tmp_path) -> None:
+    """A scoring rule's `state()` may hold plain values (a count), not only tensors: the
+    checks refuse what is impossible, not what a plug-in legitimately keeps."""
+    from slt.scorers.edge_popup import EdgePopup
+    from slt.scorers.registry import SCORERS
+
+    class Counting(EdgePopup):
+        name = "counting-steps"
+
+        def on_epoch_start(self, ctx) -> None:
+            super().on_epoch_start(ctx)
+            self.steps = 0
+
+        def after_step(self, layers) -> None:
+            self.steps += 1
+
+        def state(self) -> dict[str, Any]:
+            return {"steps": self.steps, "note": "counted"}
+
+        def load_state(self, state: dict[str, Any]) -> None:
+            self.steps = state["steps"]
+
+    if "counting-steps" not in SCORERS:
+        SCORERS.register("counting-steps")(Counting)
+    cfg = resolve.load("quick.toml", [*MID, "search.scorer=counting-steps"])
+    assert run_search(cfg, tmp_path, stop_after_steps=2, log=quiet).status == "stopped"
+    ckpt = torch.load(next(tmp_path.glob("*/checkpoint.pt")), weights_only=True)
+    assert ckpt["scorer_state"] == {"steps": 2, "note": "counted"}
+    assert run_search(cfg, tmp_path, log=quiet).status == "finished"

@@ -323,8 +323,8 @@ def test_image_headers_claiming_billions_of_pixels_are_refused(
         capped: tuple[dict[str, Path], dict[str, str]]) -> None:
     paths, results = capped
     assert results["png"] == (f"cannot read image {paths['png']}: its header claims "
-                              f"10,000,000,000 pixels, over PIL's limit of 89,478,485 "
-                              f"(PIL.Image.MAX_IMAGE_PIXELS); the file is damaged or not "
+                              f"10,000,000,000 pixels, over PIL's limit of 178,956,970 "
+                              f"(2 x PIL.Image.MAX_IMAGE_PIXELS); the file is damaged or not "
                               f"meant for this dataset")
     assert results["jpeg"].startswith(f"cannot read image {paths['jpeg']}: its header claims "
                                       f"3,600,000,000 pixels")

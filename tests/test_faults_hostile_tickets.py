@@ -175,7 +175,7 @@ CASES: list[tuple[str, str, Callable[[dict], Any], str]] = [
     ("config-not-a-dict", "plain", top("config", "mlp"), "config"),
     ("config-bad-key", "plain", set_config("model", "depth", 9), "config"),
     ("config-bad-value", "plain", set_config("model", "width", -1), "config"),
-    ("config-unknown-model", "plain", set_config("model", "name", "nosuchnet"), "config"),
+    # a model not registered here is a plug-in's, not a malformed field: see the plug-in tests
     ("header-not-a-dict", "plain", lambda h: Replace([h]), "header"),
     ("format-wrong", "plain", top("format", 99), "format"),
     ("format-true", "plain", top("format", True), "format"),
@@ -389,3 +389,35 @@ def test_eval_with_a_seed_override_on_the_command_line(tickets) -> None:
         "slt: error: weights regenerated from the config differ from the ticket's because the "
         "override run.seed=5 (the ticket's: 0) changed the network; a ticket's masks fit only "
         "the network it was found in: evaluate it without that override"]
+
+
+# --- a ticket of a plug-in's model, read where the plug-in is not installed ----------------
+
+
+def plugin_model(h: dict) -> None:
+    h["config"]["model"]["name"] = "labmlp"  # registered on the machine that searched it
+
+
+def test_a_plugin_models_ticket_reads_where_the_plugin_is_not(tickets, tmp_path) -> None:
+    """`slt report` on another machine reads masks without the model's code: the header's
+    own layout is checked for types and ranges, its spans against the file."""
+    original = ticket.load(tickets["plain"])
+    t = ticket.load(craft(tickets["plain"], tmp_path / "plugin.slt", plugin_model))
+    assert t.config.model.name == "labmlp"
+    assert [tl.shape for tl in t.layers] == [tl.shape for tl in original.layers]
+    assert all(bool((a.mask == b.mask).all()) and bool((a.source_mask == b.source_mask).all())
+               for a, b in zip(t.layers, original.layers))
+    proc = slt_capped("eval", str(tmp_path / "plugin.slt"))  # rebuilding needs the model
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "slt: error: unknown model 'labmlp' (did you mean 'mlp'?); " \
+        "known: conv2, conv4, conv6, conv8, mlp, resnet18, resnet20, resnet50, vgg16"
+
+
+def test_a_bomb_in_a_plugin_models_ticket_is_still_one_line(tickets, tmp_path) -> None:
+    def edit(h: dict) -> None:
+        plugin_model(h)
+        h["layers"][1]["shape"] = BOMB
+
+    path = craft(tickets["plain"], tmp_path / "plugin-bomb.slt", edit)
+    assert_one_error(slt_capped("eval", str(path)), path,
+                     "malformed ticket field layers[1].source: spans")

@@ -62,6 +62,7 @@ def one_line_error(proc: subprocess.CompletedProcess[str], *words: str) -> str:
     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "x", **GROUP}, ("LOCAL_RANK='x'",)),
     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "5", **GROUP}, ("LOCAL_RANK=5",)),
     ({"WORLD_SIZE": "1", "RANK": "3"}, ("RANK=3", "WORLD_SIZE=1")),
+    ({"LOCAL_RANK": "1"}, ("LOCAL_RANK=1 is set but WORLD_SIZE is not",)),
     ({"WORLD_SIZE": "2", "RANK": "1"}, ("MASTER_ADDR",)),
     ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "p"},
      ("MASTER_PORT='p'",)),
@@ -179,6 +180,15 @@ def test_warning_names_reason_and_alternative() -> None:
     assert fp16 is not None and "run.precision = 'fp32' is faster here" in fp16
     fp16_on_bf16 = speed_mode_warning("fp16", "cpu", BF16)
     assert fp16_on_bf16 is not None and "run.precision = 'bf16' is faster here" in fp16_on_bf16
+
+
+def test_a_native_cpu_running_avx2_kernels_is_warned() -> None:
+    """torch's kernel level decides, not the flag alone (ATEN_CPU_CAPABILITY=avx2, or a
+    build without AVX-512 kernels, emulates bf16 on a bf16 CPU)."""
+    on_avx2 = CpuInfo(BF16.model, BF16.flags, "AVX2", "x86_64")
+    note = speed_mode_warning("bf16", "cpu", on_avx2)
+    assert note is not None and "it has avx512_bf16, but torch runs its AVX2 kernels" in note
+    assert "run.precision = 'fp32' is faster here" in note
 
 
 def test_no_warning_where_the_mode_is_native_or_unknown() -> None:
