@@ -157,7 +157,7 @@ def test_a_compiler_that_cannot_build_is_named(tmp_path: Path) -> None:
 
 
 def test_cli_compile_without_compiler_fails_before_the_run_directory(tmp_path: Path) -> None:
-    """Needs the lead's wiring of check_run_modes into the search (see the report)."""
+    """run_search asks check_run_modes before it locates or makes the run directory."""
     proc = slt_search(tmp_path, NO_CXX, "run.compile=true")
     one_line_error(proc, "run.compile = true", "C++ compiler")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -219,7 +219,7 @@ def test_cpu_info_reads_this_machine() -> None:
 
 
 def test_cli_fp16_on_a_cpu_without_fp16_warns_once(tmp_path: Path) -> None:
-    """Needs the lead's wiring of check_run_modes into the search (see the report)."""
+    """A search in a slow speed mode runs, with one warning line from check_run_modes."""
     if hardware.cpu_info().native("fp16") is not False:
         pytest.skip("this CPU computes fp16 natively (or cannot tell)")
     proc = slt_search(tmp_path, {}, "run.precision=fp16", "run.device=cpu")

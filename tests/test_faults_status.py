@@ -154,9 +154,7 @@ SLT = [sys.executable, str(REPO / "run.py")]
 
 
 def test_cli_lists_damage_without_traceback(tmp_path: Path) -> None:
-    """Exit 1 (a damaged record is a problem to look at, as a failed point is) needs the
-    lead's one-line change in slt/cli.py cmd_sweep_status (see the report); the output
-    holds without it."""
+    """Exit 1: a damaged record is a problem to look at, as a failed point is."""
     out = out_with(tmp_path, jobs_a='{"jobs": []}', sweep_b="")
     proc = subprocess.run([*SLT, "sweep", "status", str(out)], capture_output=True, text=True,
                           timeout=120, cwd=REPO)
