@@ -130,7 +130,7 @@ def search(config: ConfigLike = None, *, overrides: Overrides = None,
     platform = Platform.from_env(cfg.run.device)  # alone, or one rank under torchrun
     try:
         return run_search(cfg, out, embed_weights=embed_weights, platform=platform,
-                          log=log or (lambda _: None))
+                          log=log or _nowhere)
     finally:
         platform.close()
 
@@ -234,12 +234,10 @@ def sweep(sweep_file: PathLike, *, out: PathLike = "runs", workers: int = 1,
     `summary` is called with the outcome before the report is written. With workers > 1,
     call it under `if __name__ == "__main__":` in a script: each worker imports the script
     again (docs/api.md)."""
-    from slt.sweeps import exit_if_reimported_main, run_sweep
+    from slt.sweeps import run_sweep
 
     out = output_dir(path_arg(out, "out"), create=False, name="runs folder")
     workers = int_arg(workers, "workers", minimum=1)
-    if workers > 1:  # a worker importing a script without a main guard: leave at once
-        exit_if_reimported_main()
     progress = bool(bool_arg(progress, "progress"))
     report = bool(bool_arg(report, "report"))
     log = callable_arg(log, "log") or _nowhere

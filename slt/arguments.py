@@ -54,7 +54,7 @@ def ticket_arg(value: Any, name: str = "ticket", paths_too: bool = False) -> Any
         return value
     if paths_too:
         raise ArgumentError(f"{name} must be a Ticket or the path of a ticket file, got "
-                          f"{shown(value)}")
+                            f"{shown(value)}")
     hint = ""
     if isinstance(value, (str, os.PathLike)):
         hint = " (a path: read it first with slt.load_ticket(path))"
@@ -130,12 +130,12 @@ def device_arg(value: Any, name: str = "device", any_torch: bool = False) -> str
             known = False
     if not known:
         raise ArgumentError(f"{name} must be {allowed} (cuda:N for one GPU), got {text!r}"
-                          f"{did_you_mean(kind, list(DEVICES))}")
+                            f"{did_you_mean(kind, list(DEVICES))}")
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ArgumentError(f"{name} {text!r} asked for, but torch sees no CUDA device "
-                              "here (use 'cpu')")
+                                "here (use 'cpu')")
         if index and int(index) >= torch.cuda.device_count():
             raise ArgumentError(f"{name} {text!r} asked for, but torch sees "
-                              f"{torch.cuda.device_count()} CUDA device(s) here")
+                                f"{torch.cuda.device_count()} CUDA device(s) here")
     return text

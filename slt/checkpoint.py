@@ -20,6 +20,7 @@ from slt.config import Config, config_hashes
 from slt.errors import SltError
 from slt.fileio import torch_file_problem
 from slt.network import SltNetwork
+from slt.rundir import is_finite_number, is_whole_number
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_test_acc", "best_epoch",
                    "elapsed", "config_hash")
@@ -46,19 +47,10 @@ def load_checkpoint(path: Path, device: torch.device, cfg: Config) -> dict[str, 
     if not isinstance(ckpt["config_hash"], str) or ckpt["config_hash"] not in config_hashes(cfg):
         raise SltError(f"{path} belongs to another config: {fix}")
     epoch = ckpt["epoch"]
-    if not _is_int(epoch) or not 0 <= epoch <= cfg.search.epochs:
+    if not is_whole_number(epoch) or not 0 <= epoch <= cfg.search.epochs:
         raise SltError(f"{path} records epoch {_short(epoch)}, outside 0..{cfg.search.epochs}: "
                        f"{fix}")
     return ckpt
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
 
 
 def _short(value: Any) -> str:
@@ -91,25 +83,25 @@ def _tensor_like(value: Any, like: Tensor, field: str) -> None:
 def _check_progress(ckpt: dict[str, Any], cfg: Config, steps_per_epoch: int) -> None:
     """The counters of `Progress`: types, ranges and agreement with each other."""
     epoch, step = ckpt["epoch"], ckpt.get("step", 0)
-    _need(_is_int(step) and 0 <= step < steps_per_epoch, "step",
+    _need(is_whole_number(step) and 0 <= step < steps_per_epoch, "step",
           f"is {_short(step)}, outside 0..{steps_per_epoch - 1} (steps of an epoch)")
     _need(step == 0 or epoch < cfg.search.epochs, "step",
           f"is {step} after the last epoch {epoch}")
     best_epoch = ckpt["best_epoch"]
-    _need(_is_int(best_epoch) and 0 <= best_epoch <= epoch, "best_epoch",
+    _need(is_whole_number(best_epoch) and 0 <= best_epoch <= epoch, "best_epoch",
           f"is {_short(best_epoch)}, outside 0..{epoch}")
-    _need(_is_number(ckpt["best_test_acc"]) and -1 <= ckpt["best_test_acc"] <= 1,
+    _need(is_finite_number(ckpt["best_test_acc"]) and -1 <= ckpt["best_test_acc"] <= 1,
           "best_test_acc", f"is {_short(ckpt['best_test_acc'])}, not an accuracy")
     for key in ("elapsed", "train_loss_sum", "train_correct", "train_seen"):
         value = ckpt.get(key, 0.0)
-        _need(_is_number(value) and value >= 0, key,
+        _need(is_finite_number(value) and value >= 0, key,
               f"is {_short(value)}, not a finite non-negative number")
     seen = ckpt.get("train_seen", 0.0)
     _need(ckpt.get("train_correct", 0.0) <= seen <= step * cfg.search.batch_size,
           "train_seen", f"is {seen}, not what {step} steps of this epoch can have seen")
     for key, top in (("test_acc", 1.0), ("test_loss", math.inf)):
         value = ckpt.get(key)
-        _need(value is None or (_is_number(value) and 0 <= value <= top), key,
+        _need(value is None or (is_finite_number(value) and 0 <= value <= top), key,
               f"is {_short(value)}, not a finite {'accuracy' if top == 1 else 'loss'}")
     _need(epoch == 0 or ckpt.get("test_acc") is not None or "test_acc" not in ckpt,
           "test_acc", f"is missing after epoch {epoch}")
@@ -126,15 +118,16 @@ def _check_optimizer(state: Any, params: list[Tensor], cfg: Config) -> None:
     _need(group.get("params") == list(range(len(params))), "optimizer.param_groups.params",
           f"is {_short(group.get('params'))}, not the {len(params)} score tensors")
     for key, want in (("momentum", s.momentum), ("weight_decay", s.weight_decay)):
-        _need(_is_number(group.get(key)) and group.get(key) == want, f"optimizer.{key}",
+        _need(is_finite_number(group.get(key)) and group.get(key) == want, f"optimizer.{key}",
               f"is {_short(group.get(key))}, but the config says {want}")
     _need(group.get("nesterov") is s.nesterov, "optimizer.nesterov",
           f"is {_short(group.get('nesterov'))}, but the config says {s.nesterov}")
     for key in ("lr", "initial_lr", "dampening"):
-        _need(_is_number(group.get(key, 0.0)) and group.get(key, 0.0) >= 0, f"optimizer.{key}",
+        value = group.get(key, 0.0)
+        _need(is_finite_number(value) and value >= 0, f"optimizer.{key}",
               f"is {_short(group.get(key))}, not a finite non-negative number")
     for index, entry in state["state"].items():
-        _need(_is_int(index) and 0 <= index < len(params) and isinstance(entry, dict),
+        _need(is_whole_number(index) and 0 <= index < len(params) and isinstance(entry, dict),
               "optimizer.state", f"has an entry {_short(index)} for no score tensor")
         buf = entry.get("momentum_buffer")
         if buf is not None:
@@ -144,14 +137,14 @@ def _check_optimizer(state: Any, params: list[Tensor], cfg: Config) -> None:
 def _check_scheduler(state: Any, epoch: int, step: int, steps_per_epoch: int) -> None:
     _need(isinstance(state, dict), "scheduler", f"is {_short(state)}, not a scheduler state")
     done = epoch * steps_per_epoch + step
-    _need(state.get("last_epoch") == done and _is_int(state.get("last_epoch")),
+    _need(state.get("last_epoch") == done and is_whole_number(state.get("last_epoch")),
           "scheduler.last_epoch", f"is {_short(state.get('last_epoch'))}, but epoch {epoch} "
           f"and step {step} make {done} steps")
-    _need(_is_int(state.get("_step_count", 0)) and state.get("_step_count", 0) >= 0,
+    _need(is_whole_number(state.get("_step_count", 0)) and state.get("_step_count", 0) >= 0,
           "scheduler._step_count", f"is {_short(state.get('_step_count'))}, not a count")
     for key in ("base_lrs", "_last_lr"):
         value = state.get(key, [])
-        _need(isinstance(value, list) and all(_is_number(v) and v >= 0 for v in value),
+        _need(isinstance(value, list) and all(is_finite_number(v) and v >= 0 for v in value),
               f"scheduler.{key}", f"is {_short(value)}, not a list of learning rates")
 
 
@@ -179,7 +172,7 @@ def check_checkpoint(ckpt: dict[str, Any], cfg: Config, net: SltNetwork, params:
     _check_scheduler(ckpt["scheduler"], ckpt["epoch"], ckpt.get("step", 0), steps_per_epoch)
     if "scaler" in ckpt:
         scaler = ckpt["scaler"]
-        _need(isinstance(scaler, dict) and all(_is_number(v) and v >= 0
+        _need(isinstance(scaler, dict) and all(is_finite_number(v) and v >= 0
                                                for v in scaler.values())
               and scaler.get("scale", 1.0) > 0, "scaler",
               "is not a gradient scaler's state of finite positive numbers")
@@ -187,7 +180,7 @@ def check_checkpoint(ckpt: dict[str, Any], cfg: Config, net: SltNetwork, params:
     _need(isinstance(state, dict) and all(isinstance(k, str) for k in state), "scorer_state",
           f"is {_short(state)}, not a table")
     for key, value in state.items():  # a rule's own state: tensors or plain values
-        _need(isinstance(value, (Tensor, str, bool)) or _is_number(value),
+        _need(isinstance(value, (Tensor, str, bool)) or is_finite_number(value),
               f"scorer_state.{key}", f"is {_short(value)}, not a tensor or a finite value")
         _need(not isinstance(value, Tensor) or not value.is_floating_point()
               or bool(torch.isfinite(value).all()), f"scorer_state.{key}",

@@ -262,7 +262,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     EXPORTS.get(args.format)  # a mistyped format, or an --out that cannot be written,
     output_file(args.out, [args.ticket])  # fails before the ticket is read
     ticket = ticket_io.load(args.ticket)
-    size = export(ticket, args.out, args.format, sparse=args.sparse, inputs=[args.ticket])
+    size = export(ticket, args.out, args.format, sparse=args.sparse)  # never over ticket.path
     layout = ", sparse CSR" if args.sparse else ""
     print(f"wrote {args.out} ({args.format}{layout}): {size} bytes")
     return 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from slt.errors import ConfigError, did_you_mean
+from slt.errors import ConfigError, did_you_mean, first_line
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -439,7 +439,7 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         with open(p, "rb") as fh:
             return tomllib.load(fh)
     except ValueError as exc:  # TOMLDecodeError, a bad encoding, an int past 4300 digits
-        raise ConfigError(f"{path}: not valid TOML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: not valid TOML: {first_line(exc)}") from None
     except RecursionError:
         raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
 

@@ -247,10 +247,18 @@ def read_record(path: Path, key: str) -> tuple[dict[str, Any] | None, str]:
     return body, ""
 
 
+def run_id_problem(rid: Any) -> str:
+    """Why a record's run id cannot name a run directory under the sweep's folder ('' when
+    it can): a crafted record must not point status at another folder."""
+    if not isinstance(rid, str) or not rid or "/" in rid or "\\" in rid or rid in (".", ".."):
+        return f"run id {rid!r} is not a run directory's name"
+    return ""
+
+
 def _job_problem(rid: str, rec: Any) -> str:
     """Why one entry of a jobs record is unusable ('' when it is fine)."""
-    if not rid or "/" in rid or "\\" in rid or rid in (".", ".."):
-        return f"run id {rid!r} is not a run directory's name"
+    if problem := run_id_problem(rid):
+        return problem
     if not isinstance(rec, dict):
         return f"{rid}: not a table but {type(rec).__name__}"
     launcher, jid = rec.get("launcher"), rec.get("job_id")

@@ -188,8 +188,8 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
         except (ValueError, RecursionError):  # bad bytes, bad JSON, nested past the stack
             bad += 1
             continue
-        if isinstance(row, dict) and isinstance(row.get("epoch"), int) \
-                and not isinstance(row["epoch"], bool) and _number(row.get("test_acc")):
+        if isinstance(row, dict) and is_whole_number(row.get("epoch")) \
+                and is_finite_number(row.get("test_acc")):
             rows.append(row)
         else:
             bad += 1
@@ -222,7 +222,13 @@ def read_json(path: Path) -> tuple[dict[str, Any] | None, str]:
     return obj, ""
 
 
-def _number(value: Any) -> bool:
+def is_whole_number(value: Any) -> bool:
+    """An int read from a file, not a bool (JSON's true is no count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """An int or float read from a file, finite and not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) \
         and math.isfinite(value)
 
@@ -237,12 +243,12 @@ def read_summary(run_dir: Path, expect_hash: str | Collection[str] | None = None
     if summary is None:
         return None, problem
     for key in ("final_test_acc", "best_test_acc", "epochs"):
-        if not _number(summary.get(key)):
+        if not is_finite_number(summary.get(key)):
             return None, f"{SUMMARY} lacks a valid {key}"
     layers = summary.get("layers")
     if not isinstance(layers, list) or not all(
             isinstance(row, dict) and isinstance(row.get("name"), str)
-            and _number(row.get("source_density")) for row in layers):
+            and is_finite_number(row.get("source_density")) for row in layers):
         return None, f"{SUMMARY} lacks a valid per-layer table (layers)"
     if not isinstance(summary.get("config_hash"), str):
         return None, f"{SUMMARY} lacks its config_hash"

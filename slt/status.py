@@ -29,6 +29,7 @@ from slt.launch import (
     DamagedRecord,
     read_jobs_checked,
     read_record,
+    run_id_problem,
     scheduler_states,
 )
 from slt.rundir import RUN_FILES, pid_alive
@@ -50,8 +51,8 @@ def _row_problem(row: Any) -> str:
     rid = row.get("run_id")
     if rid is None and row.get("status") == "skipped":
         return ""
-    if not isinstance(rid, str) or not rid or "/" in rid or "\\" in rid or rid in (".", ".."):
-        return f"run id {rid!r} is not a run directory's name"
+    if problem := run_id_problem(rid):
+        return problem
     if not isinstance(row.get("values", {}), dict):
         return f"{rid}: values are not a table but {type(row['values']).__name__}"
     return ""

@@ -29,7 +29,7 @@ from torch import Tensor
 from slt.config import Config, config_hash, from_dict
 from slt.errors import SltError, TicketError, first_line
 from slt.fileio import atomic_write_bytes
-from slt.rundir import MAGIC
+from slt.rundir import MAGIC, is_finite_number, is_whole_number
 from slt.spec import DataSpec
 
 if TYPE_CHECKING:
@@ -205,7 +205,7 @@ def _header(body: bytes, path: Path) -> tuple[dict[str, Any], memoryview]:
         raise TicketError(f"{path}: malformed ticket: the header is not JSON ({why})") from None
     if not isinstance(header, dict):
         raise TicketError(f"{path}: malformed ticket: the header is not a JSON object")
-    if not _is_int(header.get("format")) or header["format"] != FORMAT_VERSION:
+    if not is_whole_number(header.get("format")) or header["format"] != FORMAT_VERSION:
         shown = str(header.get("format"))[:40]
         raise TicketError(f"{path}: ticket format {shown} is not supported")
     missing = [k for k in HEADER_KEYS if k not in header]
@@ -252,19 +252,19 @@ def _declared_layout(check: _Checker, rows: Any, buffer_rows: Any) -> NetworkLay
                    f"is not a layer record with {', '.join(sorted(_LAYER_KEYS))}")
         shape = row["shape"]
         check.that(isinstance(shape, list) and 1 <= len(shape) <= 5 and all(
-            _is_int(n) and 1 <= n <= 2 ** 31 for n in shape), f"{field}.shape",
+            is_whole_number(n) and 1 <= n <= 2 ** 31 for n in shape), f"{field}.shape",
             f"is {_shown(shape)}, not a list of 1 to 5 sizes in 1..2^31")
         check.that(isinstance(row["name"], str), f"{field}.name", "is not a string")
         check.that(isinstance(row["searched"], bool), f"{field}.searched",
                    "is not true or false")
         numel = math.prod(shape)
-        check.that(_is_int(row["n_source"]) and 0 <= row["n_source"] <= numel,
+        check.that(is_whole_number(row["n_source"]) and 0 <= row["n_source"] <= numel,
                    f"{field}.n_source", f"is {_shown(row['n_source'])}, outside 0..{numel}")
         layers.append(LayerLayout(row["name"], tuple(shape), row["searched"], row["n_source"]))
     check.that(isinstance(buffer_rows, list) and all(
         isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(
             r.get("shape"), list) and len(r["shape"]) <= 5 and all(
-            _is_int(n) and 0 <= n <= 2 ** 31 for n in r["shape"]) for r in buffer_rows),
+            is_whole_number(n) and 0 <= n <= 2 ** 31 for n in r["shape"]) for r in buffer_rows),
         "buffers", "is not a list of buffer records (name, shape, offset, length)")
     return NetworkLayout(tuple(layers), {r["name"]: tuple(r["shape"]) for r in buffer_rows})
 
@@ -277,17 +277,17 @@ def _layer(check: _Checker, i: int, row: Any, want: LayerLayout, payload: memory
                f"is not a layer record with {', '.join(sorted(_LAYER_KEYS))}")
     check.that(row["name"] == want.name, f"{field}.name",
                f"is {_shown(row['name'])}, but the config's model names it {want.name!r}")
-    check.that(_is_int(row["index"]) and row["index"] == i, f"{field}.index",
+    check.that(is_whole_number(row["index"]) and row["index"] == i, f"{field}.index",
                f"is {_shown(row['index'])}, not {i}")
-    check.that(row["shape"] == list(want.shape) and all(_is_int(n) for n in row["shape"]),
+    check.that(row["shape"] == list(want.shape) and all(is_whole_number(n) for n in row["shape"]),
                f"{field}.shape", f"is {_shown(row['shape'])}, but the config's model has "
                f"{list(want.shape)} there")
     check.that(row["searched"] is want.searched, f"{field}.searched",
                f"is {_shown(row['searched'])}, but the config says {want.searched}")
-    check.that(_is_int(row["n_source"]) and row["n_source"] == want.n_source,
+    check.that(is_whole_number(row["n_source"]) and row["n_source"] == want.n_source,
                f"{field}.n_source", f"is {_shown(row['n_source'])}, but the config's source "
                f"has {want.n_source} edges there")
-    check.that(_is_int(row["n_ticket"]) and 0 <= row["n_ticket"] <= want.n_source,
+    check.that(is_whole_number(row["n_ticket"]) and 0 <= row["n_ticket"] <= want.n_source,
                f"{field}.n_ticket", f"is {_shown(row['n_ticket'])}, outside 0..{want.n_source}")
     numel = math.prod(want.shape)
     packed = (numel + 7) // 8
@@ -345,15 +345,6 @@ _DENSITY_RATIOS = ("source_density", "ticket_density", "keep")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
-        value)
-
-
 def _shown(value: Any) -> str:
     """A header value for a message: short, whatever a crafted file put there."""
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
@@ -379,7 +370,7 @@ class _Checker:
     def span(self, span: Any, length: int, field: str) -> tuple[int, int]:
         """[offset, length] of `length` bytes inside the payload: what the config's shape
         needs, never what the header claims."""
-        self.that(isinstance(span, list) and len(span) == 2 and all(map(_is_int, span)),
+        self.that(isinstance(span, list) and len(span) == 2 and all(map(is_whole_number, span)),
                   field, f"is {_shown(span)}, not an [offset, length] pair of integers")
         offset, size = span
         self.that(size == length, field, f"spans {size} bytes, but the config's shape needs "
@@ -411,9 +402,9 @@ class _Checker:
         spec = header["spec"]
         shape, classes = spec["shape"], spec["num_classes"]
         self.that(isinstance(shape, list) and 1 <= len(shape) <= 4 and all(
-            _is_int(n) and 1 <= n <= 2 ** 31 for n in shape), "spec.shape",
+            is_whole_number(n) and 1 <= n <= 2 ** 31 for n in shape), "spec.shape",
             f"is {_shown(shape)}, not a list of 1 to 4 sizes in 1..2^31")
-        self.that(_is_int(classes) and 1 <= classes <= 2 ** 31, "spec.num_classes",
+        self.that(is_whole_number(classes) and 1 <= classes <= 2 ** 31, "spec.num_classes",
                   f"is {_shown(classes)}, not a count in 1..2^31")
         data_spec = DataSpec(tuple(shape), classes)
         if cfg.model.name not in MODELS or cfg.source.scheme not in (*SCHEMES, "custom"):
@@ -441,8 +432,8 @@ class _Checker:
         metrics = header["metrics"]
         self.that(isinstance(metrics, dict), "metrics", "is not a table of numbers")
         for key, value in metrics.items():
-            self.that(_is_number(value), f"metrics.{key}", f"is {_shown(value)}, not a finite "
-                      "number")
+            self.that(is_finite_number(value), f"metrics.{key}",
+                      f"is {_shown(value)}, not a finite number")
             self.that(not key.endswith("_acc") or 0 <= value <= 1, f"metrics.{key}",
                       f"is {value}, outside 0..1")
         dens = header["densities"]
@@ -452,11 +443,11 @@ class _Checker:
                   "n_source": sum(tl.n_source for tl in searched),
                   "n_ticket": sum(tl.n_ticket for tl in searched)}
         for key in _DENSITY_COUNTS:
-            self.that(key in dens and dens[key] == counts[key] and _is_int(dens[key]),
+            self.that(key in dens and dens[key] == counts[key] and is_whole_number(dens[key]),
                       f"densities.{key}", f"is {_shown(dens.get(key))}, but the layers hold "
                       f"{counts[key]}")
         for key in _DENSITY_RATIOS:
-            self.that(_is_number(dens.get(key)) and 0 <= dens[key] <= 1, f"densities.{key}",
+            self.that(is_finite_number(dens.get(key)) and 0 <= dens[key] <= 1, f"densities.{key}",
                       f"is {_shown(dens.get(key))}, not a fraction")
         dense = dens.get("dense_layers")
         self.that(isinstance(dense, list) and dense == [tl.name for tl in layers
