@@ -1,5 +1,6 @@
 """Pure computations behind the report: ticket overlap and survival on masks, statistics
-over seeds. Kept apart from file reading so each is tested on hand-made inputs."""
+over seeds, the width the theory asks of a sparse source. Kept apart from file reading so
+each is tested on hand-made inputs."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from slt.errors import ConfigError
+
 if TYPE_CHECKING:  # `slt sweep status` reads runs without importing torch
     from torch import Tensor
+
+THEORY = "theory"
 
 
 def _pairs(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
@@ -57,3 +62,19 @@ def fmt_pct(values: Sequence[float]) -> str:
     if len(values) == 1:
         return f"{100 * mean:.2f}"
     return f"{100 * mean:.2f} ± {100 * std:.2f} ({len(values)})"
+
+
+def theory_width(density: float) -> float:
+    """Width multiplier the theory asks of a source of this density.
+
+    Gadhikar et al. (2023) show that a random ER network of density d approximates a target
+    network when it is wider by a factor 1/log(1/sparsity), with sparsity = 1 - d, i.e.
+    w(d) = 1 / ln(1 / (1 - d)). The factor falls below 1 for d > 1 - 1/e, where the bound
+    asks for no widening; a source is never narrower than the dense network, so the factor
+    is clipped at 1 (and w(1) = 1).
+    """
+    if not 0.0 < density <= 1.0:
+        raise ConfigError(f"theory width needs a density in (0, 1], got {density}")
+    if density >= 1.0:
+        return 1.0
+    return max(1.0, 1.0 / math.log(1.0 / (1.0 - density)))

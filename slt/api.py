@@ -25,13 +25,14 @@ from slt.arguments import (
     shown,
     ticket_arg,
 )
-from slt.config import Config, apply_overrides
+from slt.config.schema import Config
+from slt.config.toml import apply_overrides
 from slt.errors import ConfigError, DataError
 from slt.fileio import output_dir
 
 if TYPE_CHECKING:
-    from slt.engine import SearchResult
-    from slt.sweeps import SweepOutcome
+    from slt.engine.run import SearchResult
+    from slt.sweeps.grid import SweepOutcome
     from slt.ticket import Ticket
 
 PathLike = str | os.PathLike  # a path: str or pathlib.Path
@@ -67,7 +68,7 @@ def _override_key(key: Any) -> str:
 
 def _override_value(key: str, value: Any) -> str:
     """One override's value in TOML syntax (a path as its string)."""
-    from slt.config import toml_value
+    from slt.config.toml import toml_value
 
     try:
         return toml_value(os.fspath(value) if isinstance(value, os.PathLike) else value)
@@ -117,8 +118,8 @@ def search(config: ConfigLike = None, *, overrides: Overrides = None,
     `slt search` does; returns the run's directory, status, summary and `.ticket`. Under
     torchrun, every process calls it and they search together. `progress`: a progress bar
     (None: as `run.progress` says); `log`: where the per-epoch lines go (None: nowhere)."""
-    from slt.engine import run_search
-    from slt.platform import Platform
+    from slt.engine.platform import Platform
+    from slt.engine.run import run_search
 
     out = output_dir(path_arg(out, "out"), create=False, name="runs folder")
     embed_weights = bool(bool_arg(embed_weights, "embed_weights"))
@@ -163,9 +164,9 @@ def evaluate(ticket: Ticket | PathLike, data: PathLike | None = None, *,
     say) is one DataError line naming both, before the network is built."""
     from slt import ticket as ticket_io
     from slt.capacity import allocation_errors
-    from slt.data import open_batches
-    from slt.engine import evaluate as evaluate_net
-    from slt.platform import resolve_device
+    from slt.data.loader import open_batches
+    from slt.engine.loop import evaluate as evaluate_net
+    from slt.engine.platform import resolve_device
     from slt.resolve import resolve
 
     if isinstance(ticket, (str, os.PathLike)):
@@ -214,8 +215,9 @@ def check_data_fits(ticket: Ticket, spec: Any, changed: Sequence[str] = ()) -> N
 def sweep_settings(sweep_file: PathLike, overrides: Overrides = None
                    ) -> tuple[Any, dict[str, Any]]:
     """The sweep file read and its `--set` overrides checked (keys, no two spellings)."""
-    from slt.config import check_alternatives, check_key, parse_override
-    from slt.sweeps import load_sweep
+    from slt.config.checks import check_alternatives
+    from slt.config.toml import check_key, parse_override
+    from slt.sweeps.grid import load_sweep
 
     s = load_sweep(path_arg(sweep_file, "sweep_file"))
     given = dict(parse_override(item) for item in _override_list(overrides))
@@ -234,7 +236,7 @@ def sweep(sweep_file: PathLike, *, out: PathLike = "runs", workers: int = 1,
     `summary` is called with the outcome before the report is written. With workers > 1,
     call it under `if __name__ == "__main__":` in a script: each worker imports the script
     again (docs/api.md)."""
-    from slt.sweeps import run_sweep
+    from slt.sweeps.local import run_sweep
 
     out = output_dir(path_arg(out, "out"), create=False, name="runs folder")
     workers = int_arg(workers, "workers", minimum=1)
@@ -247,7 +249,7 @@ def sweep(sweep_file: PathLike, *, out: PathLike = "runs", workers: int = 1,
     if summary is not None:
         summary(outcome)
     if report:
-        from slt.reporting import write_report
+        from slt.reporting.write import write_report
 
         log(f"report: {write_report(out, log=log)}")
     return outcome
@@ -257,7 +259,7 @@ def report(runs: PathLike, *, out: PathLike | None = None, evaluate_survival: bo
            log: Callable[[str], None] | None = print) -> Path:
     """Tables and plots (report.md, results.csv, PNGs) from a folder of run directories;
     returns report.md's path."""
-    from slt.reporting import write_report
+    from slt.reporting.write import write_report
 
     runs = path_arg(runs, "runs")
     out = None if out is None else path_arg(out, "out")

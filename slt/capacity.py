@@ -9,7 +9,7 @@ of one-line error. `network_layout` gives the same network's layers and buffers,
 from the meta device: what a ticket file's header must match before anything is read into
 memory for it.
 
-Bytes per weight, measured as the peak RSS of one-epoch CPU searches (`slt.engine.run_search`
+Bytes per weight, measured as the peak RSS of one-epoch CPU searches (`slt.engine.run.run_search`
 on an MLP 1000 -> 40,000 -> 10, so 40.4M prunable weights, planted-teacher data, batch 128)
 minus that of the same run with 16 hidden units; torch 2.15, edge-popup unless named:
 
@@ -40,11 +40,11 @@ from pathlib import Path
 
 import torch
 
-from slt.config import Config
+from slt.config.schema import Config
 from slt.errors import ConfigError, SltError
 from slt.layers import masked_layers
 from slt.models import build_model
-from slt.network import WeightCount, count_weights
+from slt.network import WeightCount, count_weights, searched_flags
 from slt.spec import DataSpec
 
 BYTES_PER_WEIGHT = 13  # per prunable weight of the dense architecture (see the table above)
@@ -174,12 +174,10 @@ def network_layout(cfg: Config, spec: DataSpec) -> NetworkLayout:
     layers = masked_layers(body)
     if len(layers) != len(count.layers):  # the same model laid out twice: never differs
         raise ConfigError(f"model {cfg.model.name} builds a different network on each call")
-    last = len(layers) - 1
+    searched = searched_flags(cfg.model, len(layers))
     rows = tuple(
-        LayerLayout(name, tuple(layer.weight_shape),
-                    not ((i == 0 and cfg.model.first_layer_dense)
-                         or (i == last and cfg.model.last_layer_dense)), n_source)
-        for i, (layer, (name, _, n_source)) in enumerate(zip(layers, count.layers))
+        LayerLayout(name, tuple(layer.weight_shape), is_searched, n_source)
+        for layer, is_searched, (name, _, n_source) in zip(layers, searched, count.layers)
     )
     buffers = {name: tuple(value.shape) for name, value in body.state_dict().items()
                if stored_in_ticket(name, value)}

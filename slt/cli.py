@@ -27,12 +27,6 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="override a config key, e.g. --set source.density=0.2 (repeatable)")
 
 
-def _load(args: argparse.Namespace):  # -> Config
-    from slt import resolve
-
-    return resolve.load(args.config, args.overrides)
-
-
 def cmd_search(args: argparse.Namespace) -> int:
     from slt.api import search
 
@@ -64,10 +58,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    from slt.config import load_raw, run_id, to_toml
-    from slt.resolve import rule_settings
+    from slt.config.ids import run_id
+    from slt.config.toml import load_raw, to_toml
+    from slt.resolve import load, rule_settings
 
-    cfg = _load(args)
+    cfg = load(args.config, args.overrides)
     # values the scoring rule declared (the user's file and --set left them unset)
     from_rule = rule_settings(load_raw(args.config, args.overrides))
     notes = {f"search.{key}": f"from scorer {cfg.search.scorer} (slt scorers)"
@@ -79,9 +74,10 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_config_id(args: argparse.Namespace) -> int:
-    from slt.config import hashed_values, legacy_run_id, run_id
+    from slt.config.ids import hashed_values, legacy_run_id, run_id
+    from slt.resolve import load
 
-    cfg = _load(args)
+    cfg = load(args.config, args.overrides)
     print(run_id(cfg))
     if args.verbose:
         for key, value in sorted(hashed_values(cfg).items()):
@@ -91,7 +87,7 @@ def cmd_config_id(args: argparse.Namespace) -> int:
 
 
 def cmd_config_keys(args: argparse.Namespace) -> int:
-    from slt.config import describe
+    from slt.config.toml import describe
 
     for key, default, text in describe():
         print(f"{key:28s} {default:22s} {text}")
@@ -99,43 +95,23 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_topk(args: argparse.Namespace) -> int:
-    import torch
+    """`slt bench topk`: the values checked by the bench wing, then the timings."""
+    from slt.bench.options import check_topk_options
+    from slt.bench.topk import run_topk_bench
 
-    from slt.bench import run_topk_bench
-    from slt.fileio import output_file
-
-    if args.json:  # refused before the benchmark runs, not after
-        output_file(args.json)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SltError("--device cuda, but torch sees no CUDA device")
-    if args.repeats < 1:
-        raise SltError(f"--repeats must be at least 1, got {args.repeats}")
-    for keep in args.keep:
-        if not 0 < keep <= 1:
-            raise SltError(f"--keep {keep} outside (0, 1]")
+    device = check_topk_options(args.json, args.device, args.repeats, args.keep)
     run_topk_bench(args.layers, args.keep, args.repeats, args.json, device,
                    tuple(args.scope), args.dtype)
     return 0
 
 
 def cmd_bench_search(args: argparse.Namespace) -> int:
-    import torch
+    """`slt bench search`: the values checked by the bench wing, then the timings."""
+    from slt.bench.options import check_search_options
+    from slt.bench.search import default_modes, run_search_bench
 
-    from slt.bench_search import default_modes, run_search_bench
-    from slt.fileio import output_file
-
-    if args.json:  # refused before the benchmark runs, not after
-        output_file(args.json)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SltError("--device cuda, but torch sees no CUDA device")
-    for name, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
-                               ("--block", args.block, 1), ("--batch", args.batch, 1)):
-        if value < least:
-            raise SltError(f"{name} must be at least {least}, got {value}")
-    if args.threads is not None and args.threads < 1:
-        raise SltError(f"--threads must be at least 1, got {args.threads}")
+    device = check_search_options(args.json, args.device, args.steps, args.warmup, args.block,
+                                  args.batch, args.threads)
     run_search_bench(args.model, args.input, args.modes or default_modes(device), args.batch,
                      args.keep, args.source_density, args.steps, args.warmup, args.block,
                      device, args.json, args.overrides, args.threads)
@@ -143,13 +119,18 @@ def cmd_bench_search(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from slt.api import sweep
+    from slt.api import sweep, sweep_settings
     from slt.fileio import output_dir
 
     # a file (device, FIFO) there: one line before any point runs
     output_dir(args.out, create=False, name="runs folder")
-    if args.launcher != "local":
-        return _launch(args)
+    if args.launcher != "local":  # jobs: queued, and with --wait followed, by the sweeps wing
+        from slt.sweeps.follow import launch_and_follow
+
+        s, given = sweep_settings(args.sweep, args.overrides)
+        return launch_and_follow(s, args.out, args.launcher, given, args.launcher_overrides,
+                                 wait=args.wait, poll=args.poll, progress=not args.no_progress,
+                                 report=not args.no_report)
     if args.launcher_overrides or args.wait:
         raise SltError("--launcher-set and --wait go with --launcher slurm or submitit-local")
     outcome = sweep(args.sweep, out=args.out, workers=args.workers, overrides=args.overrides,
@@ -158,50 +139,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if outcome.failed else 0
 
 
-def _launch(args: argparse.Namespace) -> int:
-    """The sweep's points as jobs: queue them, print the job ids; with --wait, follow them
-    to the end and write the report."""
-    import time
-
-    from tqdm import tqdm
-
-    from slt.api import sweep_settings
-    from slt.launch import parse_resources
-    from slt.status import format_status, sweep_status, unsettled
-    from slt.sweeps import launch_sweep
-
-    sweep, overrides = sweep_settings(args.sweep, args.overrides)
-    resources = parse_resources(sweep.launcher, args.launcher_overrides,  # type: ignore[attr-defined]
-                                f"{sweep.path} [launcher]")  # type: ignore[attr-defined]
-    sent = launch_sweep(sweep, args.out, args.launcher, resources, overrides)  # type: ignore[arg-type]
-    for rid, jid in sent.jobs.items():
-        print(f"queued {rid}: job {jid}")
-    print(f"{len(sent.jobs)} jobs queued ({args.launcher}), {len(sent.finished)} runs finished "
-          f"already, {len(sent.running)} being run -> {args.out}")
-    if not args.wait:
-        print(f"follow them with: slt sweep status {args.out}")
-        return 0
-    states = sweep_status(args.out)
-    bar = tqdm(total=len(states), desc="points", unit="run", disable=args.no_progress,
-               dynamic_ncols=True)
-    while True:
-        bar.n = len(states) - unsettled(states)
-        bar.refresh()
-        if not unsettled(states):
-            break
-        time.sleep(args.poll)
-        states = sweep_status(args.out)
-    bar.close()
-    print(format_status(states))
-    if not args.no_report:
-        from slt.reporting import write_report
-
-        print(f"report: {write_report(args.out)}")
-    return 1 if any(s.state in ("failed", "interrupted", "damaged") for s in states) else 0
-
-
 def cmd_sweep_status(args: argparse.Namespace) -> int:
-    from slt.status import format_status, sweep_status
+    from slt.sweeps.status import format_status, sweep_status
 
     states = sweep_status(args.out)
     print(format_status(states))
@@ -211,8 +150,8 @@ def cmd_sweep_status(args: argparse.Namespace) -> int:
 def cmd_scorers(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from slt.resolve import rule_optimizer
-    from slt.scorers import SCORERS, scorer_class
+    from slt.scorers import SCORERS
+    from slt.scorers.lookup import rule_optimizer, scorer_class
 
     def shown(value: object) -> str:
         return format(value, "g") if isinstance(value, float) else str(value)
@@ -268,12 +207,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="slt", description="Strong-lottery-ticket search inside random sparse sources.")
-    parser.add_argument("--version", action="version", version=f"slt {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _run_parsers(sub: argparse._SubParsersAction) -> None:
+    """`slt search` and `slt sweep`: the commands that run searches (one, or a grid)."""
     p = sub.add_parser("search", help="search a ticket for one config")
     _add_config_args(p)
     p.add_argument("--out", default="runs", help="folder of run directories (default: runs)")
@@ -304,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_sweep)
 
+
+def _result_parsers(sub: argparse._SubParsersAction) -> None:
+    """`slt report`, `scorers`, `eval`, `export`: what runs found, rules, saved tickets."""
     p = sub.add_parser("report", help="tables and plots from a folder of run directories")
     p.add_argument("runs", help="folder holding run directories (e.g. a sweep's --out)")
     p.add_argument("--out", help="where to write report.md, results.csv and plots "
@@ -335,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store mostly-pruned weights as CSR tensors (state_dict and prune)")
     p.set_defaults(func=cmd_export)
 
+
+def _config_parser(sub: argparse._SubParsersAction) -> None:
+    """`slt config show|id|keys`: a config inspected without running it."""
     p = sub.add_parser("config", help="inspect configs")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     c = csub.add_parser("show", help="print the fully resolved config")
@@ -347,12 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_config_id)
     c = csub.add_parser("keys", help="list every config key with its default and help")
     c.set_defaults(func=cmd_config_keys)
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    """`slt bench topk|search`: the mask op, and search steps against dense training."""
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     b = bsub.add_parser("topk", help="top-k masking: slt.topk against per-layer sort, topk, "
                         "kthvalue and the memory floor")
-    b.add_argument("--layers", nargs="+", default=["conv6", "resnet18", "resnet50", "2^16",
-                                                   "2^20", "2^24"],
+    b.add_argument("--layers", nargs="+",
+                   default=["conv6", "resnet18", "resnet50", "2^16", "2^20", "2^24"],
                    help="workloads: the prunable layers of lenet-300-100, conv6, resnet18 or "
                    "resnet50, or one tensor of 2^N elements (e.g. 2^26)")
     b.add_argument("--keep", nargs="+", type=float, default=[0.5, 0.1],
@@ -391,6 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="other config keys, e.g. --set model.width=0.5 --set search.scope=global")
     b.add_argument("--json", help="also write the rows to this JSON file")
     b.set_defaults(func=cmd_bench_search)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `slt` parser: one sub-parser per command, each built by its own function."""
+    parser = argparse.ArgumentParser(
+        prog="slt", description="Strong-lottery-ticket search inside random sparse sources.")
+    parser.add_argument("--version", action="version", version=f"slt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_run_parsers, _result_parsers, _config_parser, _bench_parser):
+        add(sub)
     return parser
 
 
@@ -408,13 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = status_parser().parse_args(argv[2:])
     else:
         args = build_parser().parse_args(argv)
-    resumable = args.command in ("search", "sweep")
+    resume = "; rerun the same command to resume" if args.command in ("search", "sweep") else ""
     previous = signal.signal(signal.SIGTERM, _terminate)  # SLURM's way to stop a job
     try:
         return args.func(args)
     except Terminated:
-        print("slt: terminated" + ("; rerun the same command to resume" if resumable else ""),
-              file=sys.stderr)
+        print(f"slt: terminated{resume}", file=sys.stderr)
         return 128 + signal.SIGTERM
     except SltError as exc:
         print(f"slt: error: {exc}", file=sys.stderr)
@@ -426,8 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"slt: error: {storage_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("slt: interrupted" + ("; rerun the same command to resume" if resumable else ""),
-              file=sys.stderr)
+        print(f"slt: interrupted{resume}", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -54,7 +54,7 @@ def to_module(ticket: Ticket, device: str | torch.device = "cpu") -> nn.Module:
     are what slt's network takes: normalised by the data (slt.data), not by the module.
     `device`: cpu, cuda, cuda:N or auto (cuda when present), checked before the rebuild.
     """
-    from slt.platform import resolve_device
+    from slt.engine.platform import resolve_device
     from slt.ticket import rebuild
 
     ticket = ticket_arg(ticket)

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from slt.config import Config
+from slt.config.schema import Config, ModelConfig
 from slt.errors import ConfigError
 from slt.layers import MaskedLayer, masked_layers
 from slt.models import build_model
-from slt.scorers import Budget, Scorer, create_scorer
+from slt.scorers import Budget, Scorer
+from slt.scorers.lookup import create_scorer
 from slt.seeding import generator
 from slt.source import count_of, init_weight, nested_mask, source_counts
 from slt.spec import DataSpec
@@ -138,6 +139,15 @@ def _check_layers(cfg: Config, names: list[str], source: list[int], budget: Budg
             )
 
 
+def searched_flags(model: ModelConfig, n_layers: int) -> list[bool]:
+    """Which of a model's `n_layers` prunable layers (in forward order) the search prunes:
+    all but the first and last where `first_layer_dense` / `last_layer_dense` keep them
+    dense. The one place this is decided, for the build, the counts and the layouts."""
+    last = n_layers - 1
+    return [not ((i == 0 and model.first_layer_dense) or (i == last and model.last_layer_dense))
+            for i in range(n_layers)]
+
+
 def build_network(cfg: Config, spec: DataSpec) -> SltNetwork:
     """The network of a run on CPU: weights from run.seed, source from source.seed."""
     body = build_model(cfg.model, spec)
@@ -145,11 +155,7 @@ def build_network(cfg: Config, spec: DataSpec) -> SltNetwork:
     layers = masked_layers(body)
     if not layers:
         raise ConfigError(f"model {cfg.model.name} has no prunable layers")
-    last = len(layers) - 1
-    searched = [
-        not ((i == 0 and cfg.model.first_layer_dense) or (i == last and cfg.model.last_layer_dense))
-        for i in range(len(layers))
-    ]
+    searched = searched_flags(cfg.model, len(layers))
     if not any(searched):
         raise ConfigError("first_layer_dense and last_layer_dense leave no layer to search")
     search_layers = [layer for layer, s in zip(layers, searched) if s]
@@ -211,11 +217,7 @@ def count_weights(cfg: Config, spec: DataSpec) -> WeightCount:
         body = build_model(cfg.model, spec)
     names = {id(m): n for n, m in body.named_modules()}
     layers = masked_layers(body)
-    last = len(layers) - 1
-    searched = [
-        not ((i == 0 and cfg.model.first_layer_dense) or (i == last and cfg.model.last_layer_dense))
-        for i in range(len(layers))
-    ]
+    searched = searched_flags(cfg.model, len(layers))
     shapes = [layer.weight_shape for layer, s in zip(layers, searched) if s]
     sizes = [layer.numel for layer, s in zip(layers, searched) if s]
     if cfg.source.scheme == "custom" or sum(sizes) <= 2 ** 53:

@@ -11,18 +11,13 @@ settings applied — happens here, once, where the config is loaded.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import typing
-from collections.abc import Mapping
 from typing import Any
 
 from slt import config
-from slt.config import Config, SearchConfig
-from slt.errors import ConfigError, did_you_mean
-
-# search.* keys a scoring rule may declare (Scorer.optimizer): how its scores are optimised.
-OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay", "nesterov", "warmup_epochs")
+from slt.config.schema import Config, SearchConfig
+from slt.errors import ConfigError
+from slt.scorers.lookup import rule_optimizer, scorer_class, scorer_options
 
 
 def load(path: str | os.PathLike[str] | None = None,
@@ -43,7 +38,7 @@ def resolve(raw: dict[str, Any], origin: str = "config") -> Config:
         raw["search"] = {**_rule_filled(config.split_scorer_table(search, origin)), **search}
     cfg = config.from_dict(raw, origin)
     check_names(cfg)
-    from slt.scorers import scorer_options
+    from slt.scorers.lookup import scorer_options
 
     options = dataclasses.asdict(scorer_options(cfg.search.scorer,
                                                 dict(cfg.search.scorer_options)))
@@ -53,49 +48,19 @@ def resolve(raw: dict[str, Any], origin: str = "config") -> Config:
 
 def check_names(cfg: Config) -> None:
     """Every name the config gives is registered (one did-you-mean line otherwise)."""
-    from slt import data, models, scorers, source
+    from slt import data, models, source
 
     data.DATASETS.get(cfg.data.name)
     models.MODELS.get(cfg.model.name)
     source.INITS.get(cfg.model.init)
-    scorers.scorer_options(cfg.search.scorer, dict(cfg.search.scorer_options))
+    scorer_options(cfg.search.scorer, dict(cfg.search.scorer_options))
     if cfg.source.scheme != "custom":
         source.SCHEMES.get(cfg.source.scheme)
-
-
-def rule_optimizer(cls: Any) -> dict[str, Any]:
-    """The optimizer settings scoring rule `cls` declares, typed and checked: a rule that
-    names a key slt does not have, or an impossible value, is a ConfigError (so `slt
-    scorers` lists it as unusable and only configs that name it fail)."""
-    declared = getattr(cls, "optimizer", None) or {}
-    rule = getattr(cls, "name", "") or cls.__name__
-    if not isinstance(declared, Mapping):
-        raise ConfigError(f"scorer '{rule}': optimizer must be a dict of search.* settings")
-    hints = typing.get_type_hints(SearchConfig)
-    values = {}
-    for key, value in declared.items():
-        if key not in OPTIMIZER_KEYS:
-            allowed = ", ".join(f"search.{k}" for k in OPTIMIZER_KEYS)
-            raise ConfigError(f"scorer '{rule}' declares optimizer setting '{key}'"
-                              f"{did_you_mean(str(key), list(OPTIMIZER_KEYS))}; a rule may "
-                              f"declare {allowed}")
-        try:
-            values[key] = config.coerce(f"search.{key}", value, hints[key])
-        except ConfigError as exc:
-            raise ConfigError(f"scorer '{rule}' declares {exc}") from None
-        if isinstance(values[key], float) and not math.isfinite(values[key]):
-            raise ConfigError(f"scorer '{rule}' declares search.{key} = {value}: not finite")
-    try:
-        config.check_optimizer(dataclasses.replace(SearchConfig(), **values))
-    except ConfigError as exc:
-        raise ConfigError(f"scorer '{rule}' declares an impossible setting: {exc}") from None
-    return values
 
 
 def _rule_filled(search: dict[str, Any]) -> dict[str, Any]:
     """The rule's declared settings that a [search] table (file and --set applied, scorer
     table split) leaves unset. An unknown rule fills nothing; check_names() names it."""
-    from slt.scorers import scorer_class
 
     name = search.get("scorer", SearchConfig.scorer)
     if not isinstance(name, str):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from slt.errors import StorageError, first_line, storage_error
 
 if TYPE_CHECKING:
-    from slt.config import Config
+    from slt.config.schema import Config
 
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
@@ -265,7 +265,7 @@ def locate_run(out_root: Path, cfg: Config) -> Path:
     """The run directory of `cfg` under `out_root`. A run written under its legacy name
     (before run ids hashed only changed values) is renamed to today's name once, when no
     process holds it; a held one is used where it is, so its writer is not pulled away."""
-    from slt.config import legacy_run_id, run_id
+    from slt.config.ids import legacy_run_id, run_id
 
     path = Path(out_root) / run_id(cfg)
     old = Path(out_root) / legacy_run_id(cfg)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slt import cuda_topk
+from slt.topk import kernel as cuda_topk
 
 THREADS = 256
 WARP = 32

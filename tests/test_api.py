@@ -10,7 +10,7 @@ import pytest
 
 import slt
 from slt import resolve
-from slt.config import Config
+from slt.config.schema import Config
 from slt.errors import ConfigError, SltError, TicketError
 from tests.conftest import TINY
 
@@ -48,7 +48,7 @@ def test_load_config_takes_a_path_a_config_a_dict_and_either_kind_of_overrides()
     assert isinstance(want, Config)
     assert by_list == by_map == want
     assert by_dict.search.lr == want.search.lr == 10.0  # the rule's declared lr, filled in
-    from slt.config import run_id
+    from slt.config.ids import run_id
     assert run_id(by_dict) == run_id(want)
     from pathlib import Path
     assert slt.load_config("quick.toml", {"data.root": Path("/data/here")}).data.root == \
@@ -97,7 +97,7 @@ def test_slt_search_finds_the_ticket_slt_search_finds(tmp_path) -> None:
 @pytest.mark.slow
 def test_sweep_and_report_through_the_api(tmp_path) -> None:
     grid = tmp_path / "grid.toml"
-    from slt.config import parse_value, toml_value
+    from slt.config.toml import parse_value, toml_value
 
     lines = [f"{k} = {toml_value(parse_value(v))}" for k, v in (o.split("=", 1) for o in TINY)]
     grid.write_text('base = "quick.toml"\n[set]\n' + "\n".join(lines)

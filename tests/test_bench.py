@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from slt.bench import (
+from slt.bench.topk import (
     FLOOR,
     SORT,
     Timer,
@@ -86,7 +86,7 @@ def test_cli_writes_json_and_rejects_bad_input(tmp_path, capsys) -> None:
 # --- slt bench search -------------------------------------------------------------------
 
 def test_modes_and_inputs_parse() -> None:
-    from slt.bench_search import Mode, default_modes, parse_input, parse_mode
+    from slt.bench.search import Mode, default_modes, parse_input, parse_mode
 
     assert parse_mode("fp32") == Mode("fp32", False, False, True)
     mode = parse_mode("bf16+cl+compile+nondet")
@@ -106,7 +106,7 @@ def test_modes_and_inputs_parse() -> None:
 def test_dense_baseline_has_the_masked_layers_shapes() -> None:
     from torch import nn
 
-    from slt.bench_search import Mode, bench_config, dense_model
+    from slt.bench.search import Mode, bench_config, dense_model
     from slt.layers import MaskedLayer, masked_layers
     from slt.spec import DataSpec
 
@@ -126,7 +126,7 @@ def test_dense_baseline_has_the_masked_layers_shapes() -> None:
 
 
 def test_dense_step_trains_every_weight_in_the_mode() -> None:
-    from slt.bench_search import DenseStep, Mode, bench_config
+    from slt.bench.search import DenseStep, Mode, bench_config
     from slt.spec import DataSpec
 
     cfg = bench_config("conv2", Mode("bf16"), 8, 0.5, 1.0, "cpu", ["model.width=0.25"])
@@ -139,7 +139,7 @@ def test_dense_step_trains_every_weight_in_the_mode() -> None:
 
 
 def test_interleaving_alternates_blocks_and_flips_order() -> None:
-    from slt.bench_search import interleaved
+    from slt.bench.search import interleaved
 
     calls: list[str] = []
     timer = Timer("cpu")
@@ -151,8 +151,8 @@ def test_interleaving_alternates_blocks_and_flips_order() -> None:
 
 
 def test_search_side_is_search_step(monkeypatch) -> None:
-    from slt import bench_search
-    from slt.engine import Search
+    from slt.bench import search as bench_search
+    from slt.engine.loop import Search
 
     seen: list[int] = []
     real = Search.step

@@ -50,6 +50,7 @@ def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path, overrides, m
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_missing_dataset_names_where_it_looked(tmp_path) -> None:
     out = tmp_path / "runs"
     empty = tmp_path / "empty"
@@ -62,6 +63,7 @@ def test_missing_dataset_names_where_it_looked(tmp_path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_search_then_eval_reproduces_accuracy(tmp_path) -> None:
     out = tmp_path / "runs"
     proc = slt("search", "--config", "configs/quick.toml", "--out", str(out), *sets(TINY))
@@ -83,6 +85,7 @@ def test_eval_of_a_missing_ticket(tmp_path) -> None:
 
 
 @pytest.mark.data
+@pytest.mark.slow
 def test_mnist_search_and_eval(tmp_path, shared_data) -> None:
     out = tmp_path / "runs"
     proc = slt("search", "--config", "configs/mnist_lenet.toml", "--out", str(out),
@@ -107,6 +110,7 @@ def test_out_under_a_file_is_one_line(tmp_path) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_wheel_ships_configs_and_kernels(tmp_path) -> None:
     pytest.importorskip("setuptools", reason="building a wheel offline needs setuptools")
     src = tmp_path / "src"  # build from a copy: the build leaves build/ and *.egg-info behind
@@ -121,6 +125,6 @@ def test_wheel_ships_configs_and_kernels(tmp_path) -> None:
     (wheel,) = (tmp_path / "dist").glob("slt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for name in ("slt/configs/quick.toml", "slt/configs/mnist_lenet.toml",
-                 "slt/configs/demo_sweep.toml", "slt/cli.py", "slt/plots.py",
+                 "slt/configs/demo_sweep.toml", "slt/cli.py", "slt/reporting/plots.py",
                  "slt/kernels/segmented_topk.cu", "slt/kernels/topk_binding.cpp"):
         assert name in names

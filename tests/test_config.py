@@ -208,7 +208,7 @@ def test_scorers_lists_declared_settings(capsys) -> None:
 
 
 def test_sweep_points_get_the_rule_settings_unless_set(tmp_path) -> None:
-    from slt.sweeps import load_sweep
+    from slt.sweeps.grid import load_sweep
 
     path = tmp_path / "s.toml"
     path.write_text('base = "quick.toml"\n[axes]\nsearch.scorer = ["edge-popup", "bernoulli"]\n')
@@ -228,7 +228,8 @@ def test_config_module_imports_no_other_part_of_slt() -> None:
             "print(sorted(m for m in sys.modules if m == 'slt' or m.startswith('slt.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
-    assert out.strip() == "['slt', 'slt.config', 'slt.errors']"
+    assert out.strip() == ("['slt', 'slt.config', 'slt.config.checks', 'slt.config.ids', "
+                           "'slt.config.schema', 'slt.config.toml', 'slt.errors']")
 
 
 def test_a_stored_config_reads_without_its_rule_and_resolving_names_it(tmp_path) -> None:

@@ -14,8 +14,9 @@ from torch.nn.utils import prune
 from slt import export as export_mod
 from slt import resolve, ticket
 from slt.cli import main
-from slt.data import Batches, load_data
-from slt.engine import run_search
+from slt.data.datasets import load_data
+from slt.data.memory import Batches
+from slt.engine.run import run_search
 from slt.errors import ConfigError, ExportError
 from slt.export import EXPORTS, load_state_dict, to_module
 from slt.layers import MaskedLayer

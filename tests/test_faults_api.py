@@ -18,10 +18,10 @@ import torch
 
 import slt
 from slt import export as ex
-from slt.config import run_id
+from slt.config.ids import run_id
 from slt.errors import ConfigError, DataError, ExportError, StorageError
 from tests.conftest import REPO, TINY
-from tests.test_sweep import TINY_SET
+from tests.test_sweeps_local import TINY_SET
 
 SLT = [sys.executable, "-m", "slt.cli"]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -303,6 +303,7 @@ run.seed = [0, 1]
 """
 
 
+@pytest.mark.slow
 def test_sweep_with_workers_from_a_script_without_main_guard_says_so(tmp_path) -> None:
     (tmp_path / "sweep.toml").write_text(SWEEP)
     script = tmp_path / "unguarded.py"

@@ -11,8 +11,9 @@ import pytest
 from slt import config, resolve
 from slt.cli import main
 from slt.errors import ConfigError
-from slt.scorers import SCORERS, create_scorer
+from slt.scorers import SCORERS
 from slt.scorers.edge_popup import EdgePopup
+from slt.scorers.lookup import create_scorer
 from tests.conftest import TINY
 
 BOTH = ("--set: search.keep and search.ticket_density both given; they are two spellings "

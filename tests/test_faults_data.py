@@ -21,8 +21,10 @@ import torch
 from PIL import Image
 
 from slt.cli import main
-from slt.config import DataConfig
-from slt.data import CIFAR10_CLASSES, Origin, Part, Splits, load_data
+from slt.config.schema import DataConfig
+from slt.data.datasets import load_data
+from slt.data.files import CIFAR10_CLASSES
+from slt.data.splits import Origin, Part, Splits
 from slt.errors import DataError
 from slt.spec import DataSpec
 from tests.conftest import REPO, SHARED_DATA
@@ -223,6 +225,7 @@ def test_mnist_test_images_of_another_size(tmp_path: Path,
     assert "shape 1x27x28, expected 1x28x28 as in the train split" in line
 
 
+@pytest.mark.slow
 def test_fault_through_the_installed_command(tmp_path: Path) -> None:
     """The same promise from a separate process: `python -m slt.cli`, stderr and exit code."""
     raw = write_mnist(tmp_path / "data")

@@ -15,7 +15,7 @@ import torch
 
 from slt import resolve
 from slt.cli import main
-from slt.engine import run_search
+from slt.engine.run import run_search
 from slt.errors import SltError
 from tests.conftest import TINY
 

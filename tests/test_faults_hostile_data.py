@@ -26,10 +26,11 @@ import pytest
 import torch
 from PIL import Image
 
-from slt.config import DataConfig
-from slt.data import load_data, read_cifar_pickle
+from slt.config.schema import DataConfig
+from slt.data.datasets import load_data
+from slt.data.files import read_cifar_pickle
+from slt.data.stream import StreamBatches, worker_failure
 from slt.errors import DataError
-from slt.stream import StreamBatches, worker_failure
 from tests.conftest import REPO, SHARED_DATA
 from tests.test_faults_data import assert_refused, search, write_cifar10, write_tree
 
@@ -218,8 +219,8 @@ def bomb_files(folder: Path) -> dict[str, tuple[Path, str]]:
 CAPPED = r"""
 import json, resource, sys
 from pathlib import Path
-import slt.data, slt.pickles  # imported before the cap: torch maps a lot of address space
-slt.data._torchvision_decoder()  # so is torchvision.io
+import slt.data, slt.data.pickles, slt.errors  # before the cap: torch maps a lot of address space
+slt.data.files.torchvision_decoder()  # so is torchvision.io
 
 def vm_bytes():
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -236,9 +237,9 @@ for kind, name, path in json.loads(sys.argv[1]):
         elif kind == "idx":
             slt.data.read_idx(Path(path), 3, "mnist")
         else:
-            slt.data._decode(Path(path), slt.data._torchvision_decoder())
+            slt.data.files.decode_image(Path(path), slt.data.files.torchvision_decoder())
         results[name] = "loaded"
-    except slt.data.DataError as exc:
+    except slt.errors.DataError as exc:
         results[name] = str(exc)
     except BaseException as exc:
         results[name] = f"{type(exc).__name__}: {exc}"
@@ -464,7 +465,7 @@ def test_a_worker_that_dies_is_one_line(tmp_path: Path, monkeypatch: pytest.Monk
     naming the dataset, not torch's "DataLoader worker exited unexpectedly" traceback."""
     import signal
 
-    import slt.stream
+    import slt.data.stream
 
     write_tree(tmp_path / "data", per_class=4)
     cfg = DataConfig(name="imagefolder", root=str(tmp_path / "data"), stream=True, workers=2)
@@ -476,7 +477,7 @@ def test_a_worker_that_dies_is_one_line(tmp_path: Path, monkeypatch: pytest.Monk
             os.kill(os.getpid(), signal.SIGSEGV)
         raise AssertionError("decoded in the main process")
 
-    monkeypatch.setattr(slt.stream._Reader, "__getitems__", crash)
+    monkeypatch.setattr(slt.data.stream._Reader, "__getitems__", crash)
     with pytest.raises(DataError) as err:
         list(batches.train_epoch(0, 4, 0))
     message = str(err.value)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from slt.config import parse_value
+from slt.config.toml import parse_value
 from slt.errors import ConfigError
 from slt.resolve import load
 from slt.rundir import read_json, read_metrics

@@ -20,7 +20,7 @@ import pytest
 
 import slt
 from slt import resolve, ticket
-from slt.engine import run_search
+from slt.engine.run import run_search
 from slt.errors import TicketError
 from slt.rundir import MAGIC
 from tests.conftest import REPO, TINY
@@ -322,11 +322,12 @@ def test_eval_of_a_crafted_ticket_is_one_line(tickets, tmp_path, case_id) -> Non
     assert path.read_bytes() == before
 
 
-@pytest.fixture
-def report_of_a_bomb(tmp_path) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
+@pytest.fixture(scope="module")
+def report_of_a_bomb(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
     """`slt report` (capped) over a dense run and a sparser one, whose ticket header is the
-    50,000 x 50,000 bomb: the survival and overlap tables read both tickets."""
-    runs = tmp_path / "runs"
+    50,000 x 50,000 bomb: the survival and overlap tables read both tickets. Made once for
+    the module: its tests only read what the report wrote."""
+    runs = tmp_path_factory.mktemp("bomb_report") / "runs"
     for density in ("1.0", "0.5"):
         cfg = resolve.load("quick.toml", [*TINY, f"source.density={density}"])
         result = run_search(cfg, runs, log=quiet)

@@ -11,16 +11,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from slt import cuda_topk, resolve
-from slt.cuda_topk import KernelGate, check_kernel, layout_limit
+from slt import resolve
 from slt.errors import NonFiniteScoreError
-from slt.topk import (
-    _kernel_or_torch,
-    _select,
-    _torch_segmented,
-    check_deferred,
-    deferred_checks,
-)
+from slt.topk import kernel as cuda_topk
+from slt.topk.kernel import KernelGate, check_kernel, layout_limit
+from slt.topk.op import _kernel_or_torch, check_deferred, deferred_checks
+from slt.topk.torch_path import _select
+from slt.topk.torch_path import torch_segmented as _torch_segmented
 from tests import kernel_model
 
 CPU = torch.device("cpu")
@@ -356,7 +353,7 @@ def test_under_deferred_checks_the_flag_is_read_only_when_asked() -> None:
 def test_a_flag_found_at_a_checkpoint_stops_the_search_before_it_writes(tmp_path,
                                                                          monkeypatch) -> None:
     from slt import config
-    from slt.engine import run_search
+    from slt.engine.run import run_search
     from slt.errors import SltError
     from tests.conftest import TINY
 

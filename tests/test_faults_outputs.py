@@ -24,10 +24,10 @@ from slt.errors import StorageError
 from slt.export import export, load_state_dict
 from slt.fileio import atomic_write_bytes, output_dir, output_file
 from slt.network import build_network
-from slt.reporting import write_report
+from slt.reporting.write import write_report
 from slt.spec import DataSpec
 from tests.conftest import REPO, TINY
-from tests.test_report import fake_run
+from tests.test_reporting import fake_run
 
 
 def snapshot(*paths: Path) -> dict[str, str]:

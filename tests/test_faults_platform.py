@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from slt import hardware
+from slt.engine import hardware as hardware
+from slt.engine.hardware import CpuInfo, SpeedModeWarning, check_run_modes, speed_mode_warning
+from slt.engine.platform import GroupEnv, group_env
 from slt.errors import ConfigError, SltError
-from slt.hardware import CpuInfo, SpeedModeWarning, check_run_modes, speed_mode_warning
-from slt.platform import GroupEnv, group_env
 from tests.conftest import REPO, TINY
 
 ALONE = {k: v for k, v in os.environ.items()
@@ -111,10 +111,11 @@ def run_in_child(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[
                           timeout=120, env={**ALONE, **env}, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_check_run_modes_without_compiler_is_one_config_error() -> None:
     # in a child: inductor reads $CXX once, when its config is imported
     code = ("from types import SimpleNamespace as N\n"
-            "from slt.hardware import check_run_modes\n"
+            "from slt.engine.hardware import check_run_modes\n"
             "from slt.errors import ConfigError\n"
             "try:\n"
             "    check_run_modes(N(compile=True, precision='fp32'), 'cpu')\n"
@@ -137,13 +138,14 @@ def test_check_run_modes_with_the_compiler_here_passes() -> None:
     assert check_run_modes(run, "cpu", warn=False) == []
 
 
+@pytest.mark.slow
 def test_a_compiler_that_cannot_build_is_named(tmp_path: Path) -> None:
     # both answer --version (inductor's own test) but build nothing usable
     fake = tmp_path / "fake-g++"
     fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\n"
                     "echo 'probe.cpp:1:10: fatal error: Python.h: No such file' >&2; exit 1\n")
     fake.chmod(0o755)
-    code = ("from slt.hardware import cxx_compiler\n"
+    code = ("from slt.engine.hardware import cxx_compiler\n"
             "c = cxx_compiler(); print(c.ok, c.command, '|', c.reason)\n")
     proc = run_in_child(code, {"CXX": "/bin/true"})
     assert proc.returncode == 0, proc.stderr
@@ -156,6 +158,7 @@ def test_a_compiler_that_cannot_build_is_named(tmp_path: Path) -> None:
                                    "file"), proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_compile_without_compiler_fails_before_the_run_directory(tmp_path: Path) -> None:
     """run_search asks check_run_modes before it locates or makes the run directory."""
     proc = slt_search(tmp_path, NO_CXX, "run.compile=true")
@@ -218,6 +221,7 @@ def test_cpu_info_reads_this_machine() -> None:
         assert "sse2" in info.flags and info.model
 
 
+@pytest.mark.slow
 def test_cli_fp16_on_a_cpu_without_fp16_warns_once(tmp_path: Path) -> None:
     """A search in a slow speed mode runs, with one warning line from check_run_modes."""
     if hardware.cpu_info().native("fp16") is not False:

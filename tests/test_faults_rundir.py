@@ -19,8 +19,8 @@ import torch
 
 from slt import config, resolve, ticket
 from slt.cli import main
-from slt.engine import run_search
-from slt.reporting import write_report
+from slt.engine.run import run_search
+from slt.reporting.write import write_report
 from slt.rundir import RunLock, locked_by
 from tests.conftest import REPO, TINY
 
@@ -153,6 +153,7 @@ def test_a_checkpoint_of_another_network_is_one_line(tmp_path, capsys):
 # --- 2. one run directory, one writer ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_search_waits_for_the_writer_then_skips(finished):
     cfg, out, run_dir, summary = finished
     (run_dir / "summary.json").unlink()  # the holder will "finish" it while B waits
@@ -177,6 +178,7 @@ def test_a_second_search_waits_for_the_writer_then_skips(finished):
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3]  # no duplicate rows
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_no_stale_lock_and_the_run_resumes(tmp_path):
     overrides = [*TINY, "search.epochs=40", "data.train_size=4096"]
     cfg = resolve.load("quick.toml", overrides)
@@ -227,6 +229,7 @@ def write_sweep(folder: Path, axes: str, epochs: int = 2) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_two_sweeps_side_by_side_split_the_grid(tmp_path):
     path = write_sweep(tmp_path, "run.seed = [0, 1, 2, 3, 4, 5]\ndata.train_size = [2048]\n",
                        epochs=12)
@@ -325,6 +328,7 @@ def test_report_of_a_copy_it_cannot_write_into_says_where(finished, capsys):
 
 
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+@pytest.mark.slow
 def test_ctrl_c_or_sigterm_stops_a_sweep_cleanly_and_it_resumes(tmp_path, stop):
     path = write_sweep(tmp_path, "run.seed = [0, 1, 2, 3]\n", epochs=30)
     out = tmp_path / "runs"
@@ -353,6 +357,7 @@ def test_ctrl_c_or_sigterm_stops_a_sweep_cleanly_and_it_resumes(tmp_path, stop):
         assert epochs == list(range(1, 31)), run
 
 
+@pytest.mark.slow
 def test_a_sweep_killed_outright_takes_its_workers_with_it(tmp_path):
     path = write_sweep(tmp_path, "run.seed = [0, 1]\n", epochs=400)
     out = tmp_path / "runs"

@@ -24,11 +24,11 @@ from slt.capacity import (
     search_bytes,
 )
 from slt.cli import main
-from slt.config import Config
+from slt.config.schema import Config
 from slt.errors import ConfigError
 from slt.network import build_network, count_weights
 from slt.spec import DataSpec
-from slt.sweeps import load_sweep
+from slt.sweeps.grid import load_sweep
 from tests.conftest import REPO
 
 CPU = torch.device("cpu")

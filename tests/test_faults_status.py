@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from slt.errors import SltError
-from slt.launch import RECORD_LIMIT, read_jobs, read_jobs_checked, read_record
-from slt.status import format_status, sweep_status
+from slt.sweeps.record import RECORD_LIMIT, read_jobs, read_jobs_checked, read_record
+from slt.sweeps.status import format_status, sweep_status
 from tests.conftest import REPO
 
 GOOD = {"sweep": "s.toml", "points": [

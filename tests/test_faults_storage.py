@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from slt import config, resolve
-from slt.engine import run_search
+from slt.engine.run import run_search
 from tests.conftest import REPO, TINY
 
 PY = shlex.quote(sys.executable)
@@ -58,6 +58,7 @@ def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 @needs_mounts
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -76,6 +77,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(tmp_path):
 
 
 @needs_mounts
+@pytest.mark.slow
 def test_a_full_disk_never_damages_a_finished_ticket(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -95,6 +97,7 @@ def test_a_full_disk_never_damages_a_finished_ticket(tmp_path):
 
 
 @needs_mounts
+@pytest.mark.slow
 def test_a_read_only_filesystem_is_one_line_for_every_command(tmp_path):
     runs = tmp_path / "runs"
     cfg = resolve.load("quick.toml", TINY)
@@ -136,6 +139,7 @@ def test_a_read_only_filesystem_is_one_line_for_every_command(tmp_path):
 
 
 @needs_mounts
+@pytest.mark.slow
 def test_a_sweep_goes_on_past_a_point_it_cannot_write(tmp_path):
     out = tmp_path / "runs"
     sweep = tmp_path / "grid.toml"

@@ -29,6 +29,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -38,10 +39,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.install]
 REPO = Path(__file__).resolve().parents[1]
 # Folders and files of a checkout that a build does not need (and must not see: a stale build/
 # or egg-info would be packaged as it is).
-_NOT_COPIED = shutil.ignore_patterns(
-    ".git", ".venv", "runs", "data", "build", "dist", "*.egg-info", "__pycache__",
-    ".pytest_cache", ".ruff_cache",
-)
+# Top-level only: slt/data/ is a package of its own (the data wing), not a data folder.
+_TOP_NOT_COPIED = {".git", ".venv", "runs", "data", "build", "dist"}
+_ANYWHERE_NOT_COPIED = shutil.ignore_patterns("*.egg-info", "__pycache__", ".pytest_cache",
+                                              ".ruff_cache")
+
+
+def _NOT_COPIED(folder: str, names: list[str]) -> set[str]:
+    """shutil.copytree's ignore: build leftovers anywhere, local folders at the top."""
+    skipped = set(_ANYWHERE_NOT_COPIED(folder, names))
+    if Path(folder).resolve() == REPO:
+        skipped |= _TOP_NOT_COPIED & set(names)
+    return skipped
 # What pip prints when the registry cannot be reached (as opposed to a resolver failure).
 _OFFLINE = re.compile(
     r"NewConnectionError|Failed to establish a new connection|Temporary failure in name "
@@ -175,3 +184,22 @@ def test_install_keeps_an_existing_supported_torch(tmp_path: Path) -> None:
     assert "done: test acc" in search.stdout + search.stderr, search.stdout[-2000:]
     assert list((tmp_path / "runs").glob("*/ticket.slt")), search.stdout[-2000:]
     shutil.rmtree(venv, ignore_errors=True)  # 1.2 GB; pytest keeps the last 3 tmp folders
+
+
+def test_the_wheel_holds_every_module_configs_and_kernels(tmp_path: Path) -> None:
+    """pyproject.toml lists slt's packages one by one: a wing left out of that list would be
+    missing from every installed slt while the checkout's tests pass. Built offline, with the
+    setuptools this environment has."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=_NOT_COPIED)
+    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                  "--disable-pip-version-check", "-w", tmp_path / "dist", src], tmp_path)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("slt-*.whl")
+    held = set(zipfile.ZipFile(wheel).namelist())
+    want = {f"slt/{p.relative_to(REPO / 'slt').as_posix()}" for p in (REPO / "slt").rglob("*.py")}
+    want |= {f"slt/configs/{p.name}" for p in (REPO / "configs").glob("*.toml")}
+    want |= {f"slt/kernels/{p.name}" for p in (REPO / "kernels").glob("*.c[up]*")}
+    assert len(want) > 60
+    assert not want - held, f"missing from the wheel: {sorted(want - held)}"
+

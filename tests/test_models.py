@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from slt.config import ModelConfig
+from slt.config.schema import ModelConfig
 from slt.errors import ConfigError
 from slt.layers import MaskedConv2d, MaskedLinear, masked_layers
 from slt.models import MODELS, build_model

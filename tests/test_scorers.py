@@ -16,13 +16,14 @@ import torch
 
 from slt import config, resolve, ticket
 from slt.cli import main
-from slt.engine import run_search
+from slt.engine.run import run_search
 from slt.errors import ConfigError
 from slt.network import build_network
-from slt.scorers import SCORERS, Budget, EpochContext, create_scorer
+from slt.scorers import SCORERS, Budget, EpochContext
 from slt.scorers.edge_popup import annealed_k
 from slt.scorers.gem_miner import hard_prune
 from slt.scorers.iterand import rerandomise
+from slt.scorers.lookup import create_scorer
 from slt.spec import DataSpec
 from tests.conftest import REPO, TINY
 
@@ -193,8 +194,9 @@ def test_global_anneal_schedule() -> None:
 
 @pytest.mark.parametrize("scorer", ["iterand", "signed-supermask", "gem-miner", "bernoulli"])
 def test_tickets_rebuild_to_the_run_accuracy(tmp_path, scorer: str) -> None:
-    from slt.data import Batches, load_data
-    from slt.engine import evaluate
+    from slt.data.datasets import load_data
+    from slt.data.memory import Batches
+    from slt.engine.loop import evaluate
 
     cfg = resolve.load(None, [*TINY, f"search.scorer={scorer}", "search.epochs=3"])
     result = run_search(cfg, tmp_path, log=lambda _: None)
@@ -252,7 +254,7 @@ def test_scorer_options_in_the_config(tmp_path) -> None:
 
 
 def test_scorer_options_in_sweeps(tmp_path) -> None:
-    from slt.sweeps import load_sweep
+    from slt.sweeps.grid import load_sweep
 
     path = tmp_path / "s.toml"
     path.write_text('[set]\nsearch.scorer.name = "gem-miner"\nsearch.scorer.lam = 0.001\n'
@@ -293,6 +295,7 @@ def example_plugin(root: Path) -> Path:
     return pkg
 
 
+@pytest.mark.slow
 def test_a_third_party_rule_installs_and_runs(tmp_path) -> None:
     pkg = example_plugin(tmp_path)
     dist = tmp_path / "dist"

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from slt import resolve, ticket
-from slt.data import Batches, load_data
-from slt.engine import evaluate, run_search
+from slt.data.datasets import load_data
+from slt.data.memory import Batches
+from slt.engine.loop import evaluate
+from slt.engine.run import run_search
 from slt.errors import TicketError
 
 

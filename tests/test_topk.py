@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from slt import cuda_topk
-from slt.topk import reference_sort_mask, segment_offsets, segmented_topk_mask, topk_mask
+from slt.topk import kernel as cuda_topk
+from slt.topk.op import segmented_topk_mask
+from slt.topk.torch_path import reference_sort_mask, segment_offsets, topk_mask
 from tests import kernel_model
 
 

@@ -7,9 +7,11 @@ import os
 import pytest
 import torch
 
-from slt import cuda_topk, resolve
+from slt import resolve
 from slt.errors import NonFiniteScoreError
-from slt.topk import _torch_segmented, segmented_topk_mask
+from slt.topk import kernel as cuda_topk
+from slt.topk.op import segmented_topk_mask
+from slt.topk.torch_path import torch_segmented as _torch_segmented
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -110,7 +112,7 @@ def test_non_finite_is_an_error(bad: float) -> None:
 def test_search_gives_the_same_ticket_with_either_path(tmp_path, tiny_overrides,
                                                        monkeypatch) -> None:
     from slt import ticket
-    from slt.engine import run_search
+    from slt.engine.run import run_search
 
     cfg = resolve.load(None, [*tiny_overrides, "run.device=cuda", "model.hidden=[64, 64]"])
     with_kernel = run_search(cfg, tmp_path / "kernel", log=lambda _: None)

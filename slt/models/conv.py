@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from slt.config import ModelConfig
+from slt.config.schema import ModelConfig
 from slt.errors import ConfigError
 from slt.layers import MaskedConv2d, MaskedLinear
 from slt.models.registry import MODELS, image_shape, scaled

@@ -6,7 +6,7 @@ import math
 
 from torch import nn
 
-from slt.config import ModelConfig
+from slt.config.schema import ModelConfig
 from slt.layers import MaskedLinear
 from slt.models.registry import MODELS, scaled
 from slt.spec import DataSpec

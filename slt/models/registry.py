@@ -26,3 +26,4 @@ def image_shape(name: str, spec: DataSpec) -> tuple[int, int, int]:
         )
     c, h, w = (int(s) for s in spec.shape)
     return c, h, w
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from slt.config import ModelConfig
+from slt.config.schema import ModelConfig
 from slt.layers import MaskedConv2d, MaskedLinear, non_affine_bn
 from slt.models.registry import MODELS, image_shape, scaled
 from slt.spec import DataSpec

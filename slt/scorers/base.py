@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from slt.layers import MaskedLayer
-from slt.topk import segment_offsets, segmented_topk_mask
+from slt.topk.op import segmented_topk_mask
+from slt.topk.torch_path import segment_offsets
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class Scorer(ABC):
     `ticket_weights(layer)` for every searched layer; `optimizer`, the search.* settings
     the rule needs to learn at all (e.g. {"lr": 10.0} for a rule whose gradients are
     small), used wherever the user's config file and --set leave them unset. Keys are
-    limited to `slt.resolve.OPTIMIZER_KEYS`; anything else makes the rule unusable.
+    limited to `slt.scorers.lookup.OPTIMIZER_KEYS`; anything else makes the rule unusable.
     """
 
     name: ClassVar[str] = ""
