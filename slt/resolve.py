@@ -17,7 +17,6 @@ from typing import Any
 from slt import config
 from slt.config.schema import Config, SearchConfig
 from slt.errors import ConfigError
-from slt.scorers.lookup import rule_optimizer, scorer_class, scorer_options
 
 
 def load(path: str | os.PathLike[str] | None = None,
@@ -32,14 +31,14 @@ def resolve(raw: dict[str, Any], origin: str = "config") -> Config:
     the scoring rule's declared settings, then slt's defaults; every name registered; the
     rule's options typed with every field filled, so equal settings give one run id
     (lam = 0 and lam = 0.0, or a default given or left out)."""
+    from slt.scorers.lookup import scorer_options  # torch: only when a config is resolved
+
     raw = dict(raw)
     search = raw.get("search", {})
     if isinstance(search, dict):
         raw["search"] = {**_rule_filled(config.split_scorer_table(search, origin)), **search}
     cfg = config.from_dict(raw, origin)
     check_names(cfg)
-    from slt.scorers.lookup import scorer_options
-
     options = dataclasses.asdict(scorer_options(cfg.search.scorer,
                                                 dict(cfg.search.scorer_options)))
     return dataclasses.replace(cfg, search=dataclasses.replace(
@@ -49,6 +48,7 @@ def resolve(raw: dict[str, Any], origin: str = "config") -> Config:
 def check_names(cfg: Config) -> None:
     """Every name the config gives is registered (one did-you-mean line otherwise)."""
     from slt import data, models, source
+    from slt.scorers.lookup import scorer_options  # torch: only when a config is resolved
 
     data.DATASETS.get(cfg.data.name)
     models.MODELS.get(cfg.model.name)
@@ -61,6 +61,10 @@ def check_names(cfg: Config) -> None:
 def _rule_filled(search: dict[str, Any]) -> dict[str, Any]:
     """The rule's declared settings that a [search] table (file and --set applied, scorer
     table split) leaves unset. An unknown rule fills nothing; check_names() names it."""
+    from slt.scorers.lookup import (  # torch: only when a config is resolved
+        rule_optimizer,
+        scorer_class,
+    )
 
     name = search.get("scorer", SearchConfig.scorer)
     if not isinstance(name, str):

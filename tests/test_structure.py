@@ -249,3 +249,13 @@ def test_no_subpackage_shadows_a_public_function():
     once imported. The same for the other public functions."""
     for name in DOCUMENTED["slt"]:
         assert f"slt.{name}" not in modules(), name
+
+
+def test_sweep_status_and_config_read_without_torch():
+    """`slt sweep status` and reading a config stay quick: neither imports torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, slt.sweeps.status, slt.resolve; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]

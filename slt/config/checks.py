@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import types
 import typing
 from collections.abc import Iterable
@@ -14,11 +13,6 @@ from typing import Any
 
 from slt.config.schema import SECTIONS, Config, SearchConfig, default_data_root, section_dict
 from slt.errors import ConfigError, did_you_mean
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
 
 
 def split_scorer_table(body: dict[str, Any], origin: str) -> dict[str, Any]:

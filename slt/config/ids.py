@@ -1,24 +1,17 @@
 """Run ids: the hash of the values that set what a run computes.
 
 Keys that only say where or how a run executes are left out; the legacy hash keeps the
-run ids of runs written before every key entered it. tests/test_run_ids.py pins them."""
+run ids of runs written before every key entered it. tests/test_config_run_ids.py pins them."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from slt.config.schema import SECTIONS, Config, dense_source
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
-
 
 # Keys that say where or how a run executes, not what it computes: left out of the run id.
 NOT_HASHED = {("data", "root"), ("data", "download"), ("run", "device"), ("run", "threads"),

@@ -6,14 +6,8 @@ Every field carries its default; the checks, TOML and run ids live beside it in
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field, fields
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:

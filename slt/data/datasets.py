@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,10 +27,6 @@ from slt.errors import DataError, first_line
 from slt.registry import Registry
 from slt.seeding import generator
 from slt.spec import DataSpec
-
-if TYPE_CHECKING:
-    pass
-
 
 DATASETS: Registry[Callable[[DataConfig], Splits]] = Registry("dataset")
 

@@ -10,20 +10,15 @@ import struct
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from slt.config.schema import DataConfig, default_data_root
+from slt.data.pickles import ForbiddenPickle, as_array, load_array_pickle
 from slt.data.splits import shape_of
 from slt.errors import DataError, first_line
-from slt.data.pickles import ForbiddenPickle, as_array, load_array_pickle
-
-if TYPE_CHECKING:
-    pass
-
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".tif", ".tiff",
                     ".webp")

@@ -14,7 +14,14 @@ import torch
 from torch import Tensor
 
 from slt.config.schema import DataConfig
-from slt.data.files import CIFAR10_CLASSES, decode_image, missing_files as _missing, torchvision_decoder, data_root, list_image_tree
+from slt.data.files import (
+    CIFAR10_CLASSES,
+    data_root,
+    decode_image,
+    list_image_tree,
+    missing_files,
+    torchvision_decoder,
+)
 from slt.errors import DataError
 from slt.registry import Registry
 
@@ -76,7 +83,8 @@ def _tree_files(name: str, train: Path, test: Path, recipe: str = FIXED,
 
 @STREAMS.register("cifar10")
 def cifar10_files(cfg: DataConfig) -> ImageFiles:
-    """CIFAR-10's JPEG tree, when it is what `slt.data.datasets.cifar10` reads (no python batches)."""
+    """CIFAR-10's JPEG tree, when it is what `slt.data.datasets.cifar10` reads (no python
+    batches)."""
     root = data_root(cfg)
     base, jpg = root / "cifar-10-batches-py", root / "cifar10-jpg"
     if base.is_dir():
@@ -84,7 +92,7 @@ def cifar10_files(cfg: DataConfig) -> ImageFiles:
                         f"which are held in memory: data.stream = true needs the JPEG tree "
                         f"{jpg}/train and {jpg}/test instead; set data.stream = false")
     if not (jpg / "train").is_dir():
-        raise _missing("cifar10", [jpg / "train"],
+        raise missing_files("cifar10", [jpg / "train"],
                        "cifar10-jpg/train and cifar10-jpg/test (streamed)", download=False)
     return _tree_files("cifar10", jpg / "train", jpg / "test", expected=CIFAR10_CLASSES)
 
@@ -94,7 +102,7 @@ def imagefolder_files(cfg: DataConfig) -> ImageFiles:
     """`root/train/<class>/*` and `root/test/<class>/*`, images of one size."""
     root = data_root(cfg)
     if not (root / "train").is_dir() or not (root / "test").is_dir():
-        raise _missing("imagefolder", [root / "train", root / "test"],
+        raise missing_files("imagefolder", [root / "train", root / "test"],
                        "train/<class>/ and test/<class>/ image folders", download=False)
     return _tree_files("imagefolder", root / "train", root / "test")
 
@@ -106,7 +114,7 @@ def imagenet_root(cfg: DataConfig) -> Path:
     for place in (root, root / "imagenet"):
         if (place / "train").is_dir() and (place / "val").is_dir():
             return place
-    raise _missing("imagenet", [root, root / "imagenet"],
+    raise missing_files("imagenet", [root, root / "imagenet"],
                    "train/<class>/ and val/<class>/ image folders", download=False)
 
 
@@ -118,8 +126,8 @@ def imagenet_files(cfg: DataConfig) -> ImageFiles:
 
 
 def decoder() -> Callable[[Path], Tensor]:
-    """`slt.data.files.decode_image` with torchvision's decoder (PIL for what it cannot read); call it
-    inside `quiet()`."""
+    """`slt.data.files.decode_image` with torchvision's decoder (PIL for what it cannot
+    read); call it inside `quiet()`."""
     fast = torchvision_decoder()
     return lambda path: decode_image(path, fast)
 

@@ -4,7 +4,6 @@ order, augmentation as tensor ops."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -12,9 +11,6 @@ from torch import Tensor
 from slt.data.order import BatchSource, check_batch_size, crop_flip, epoch_order, rank_slice
 from slt.data.splits import Splits
 from slt.spec import DataSpec
-
-if TYPE_CHECKING:
-    pass
 
 
 class Batches(BatchSource):

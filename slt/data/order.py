@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from slt.seeding import generator
-
-if TYPE_CHECKING:
-    pass
-
 
 PAD = 4  # zero padding of the random crop (the CIFAR recipe)
 

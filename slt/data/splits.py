@@ -6,16 +6,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from slt.errors import DataError
 from slt.spec import DataSpec
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass(frozen=True)

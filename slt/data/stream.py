@@ -24,8 +24,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from slt.config.schema import DataConfig
-from slt.data.order import BatchSource, check_batch_size as _check_batch_size, crop_flip, epoch_order, rank_slice
-from slt.data.splits import limited_subset
 from slt.data.images import (
     FIXED,
     IMAGENET,
@@ -40,6 +38,8 @@ from slt.data.images import (
     quiet,
     size_of,
 )
+from slt.data.order import BatchSource, check_batch_size, crop_flip, epoch_order, rank_slice
+from slt.data.splits import limited_subset
 from slt.errors import DataError, first_line
 from slt.seeding import generator
 from slt.spec import DataSpec
@@ -162,7 +162,7 @@ class RankBatches(Sampler[list[int]]):
 
     def __init__(self, n: int, batch_size: int, start_step: int = 0, rank: int = 0,
                  world: int = 1) -> None:
-        self.n, self.batch_size, self.start_step = n, _check_batch_size(batch_size), start_step
+        self.n, self.batch_size, self.start_step = n, check_batch_size(batch_size), start_step
         self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -311,7 +311,7 @@ class StreamBatches(BatchSource):
     def train_epoch(self, epoch: int, batch_size: int, seed: int, start_step: int = 0,
                     rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
         """The batches of `Batches.train_epoch` for (seed, epoch), read from disk."""
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         n = self.n_train
         order = epoch_order(n, self.augment and self.recipe == FIXED, seed, epoch)
         reader = _Reader(self.name, self.train_files, self.train_y, self.spec.shape,
@@ -322,7 +322,7 @@ class StreamBatches(BatchSource):
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The test set in order, normalised, never augmented (every rank reads it all)."""
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         reader = _Reader(self.name, self.test_files, self.test_y, self.spec.shape,
                          self.recipe, train=False)
         yield from self._batches(self._loader(reader, RankBatches(self.n_test, batch_size)))

@@ -106,7 +106,7 @@ class Search:
         if self.channels_last:
             net.body.to(memory_format=torch.channels_last)
         self.forward = torch.compile(net) if run.compile else net
-        self.tb: TensorBoardLog | None = None  # opened by _search once restored
+        self.tb: TensorBoardLog | None = None  # opened by slt.engine.run._search once restored
 
     # --- restore --------------------------------------------------------------------------
 

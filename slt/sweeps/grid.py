@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ from slt.config.schema import Config
 from slt.config.toml import check_key, read_toml, resolve_config_path, set_key
 from slt.errors import ConfigError, SltError
 from slt.resolve import resolve
-from slt.sweeps.point import with_threads
 
 SWEEP_KEYS = ("base", "set", "axes", "launcher")
 
@@ -160,7 +159,7 @@ def plan(sweep: Sweep, root: Path, overrides: dict[str, Any], threads: int,
     unique: dict[str, Point] = {}
     for p in todo:
         assert p.config is not None
-        unique.setdefault(run_id(p.config), Point(p.values, with_threads(p.config, threads)))
+        unique.setdefault(run_id(p.config), Point(p.values, _with_threads(p.config, threads)))
     outcome.points = todo
     for p in outcome.skipped:
         log(f"skipped ({p.label()}): {p.skipped}")
@@ -172,3 +171,9 @@ def plan(sweep: Sweep, root: Path, overrides: dict[str, Any], threads: int,
     except OSError as exc:
         raise SltError(f"cannot create the sweep folder {root}: {exc.strerror}") from None
     return outcome, unique
+
+
+def _with_threads(cfg: Config, threads: int) -> Config:
+    """The point's config as a worker runs it: no progress bar, `threads` unless it sets its own."""
+    run = replace(cfg.run, progress=False, threads=cfg.run.threads or threads)
+    return replace(cfg, run=run)

@@ -217,7 +217,7 @@ def launch_sweep(sweep: Sweep, out_root: str | os.PathLike[str], kind: str,
                  resources: Any, overrides: dict[str, Any] | None = None,
                  log: Callable[[str], None] = print) -> Any:
     """Queue every valid point as a job (`kind`: "slurm" or "submitit-local") and write the
-    sweep record; returns launch.Submitted once the jobs are queued."""
+    sweep record; returns slt.sweeps.record.Submitted once the jobs are queued."""
     from slt.sweeps.slurm import submit
 
     root = Path(out_root)

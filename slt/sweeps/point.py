@@ -53,12 +53,3 @@ def run_point(cfg: Config, out_root: str, stop_requested: Callable[[], bool] | N
         if not (root / run_id(cfg) / ERROR).is_file():  # failed before the run took its lock
             write_error(cfg, root, message.strip(), traceback.format_exc())
         return "failed", message.strip()
-
-
-def with_threads(cfg: Config, threads: int) -> Config:
-    """The point's config as a worker runs it: no progress bar, `threads` unless it sets its own."""
-    import dataclasses
-
-    run = dataclasses.replace(cfg.run, progress=False,
-                              threads=cfg.run.threads or threads)
-    return dataclasses.replace(cfg, run=run)

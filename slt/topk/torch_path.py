@@ -9,15 +9,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from slt.errors import NonFiniteScoreError
-
-if TYPE_CHECKING:
-    pass
 
 
 def check_finite(values: Tensor) -> None:
