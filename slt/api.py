@@ -113,19 +113,26 @@ def load_config(config: ConfigLike = None, overrides: Overrides = None) -> Confi
 
 def search(config: ConfigLike = None, *, overrides: Overrides = None,
            out: PathLike = "runs", embed_weights: bool = False, progress: bool | None = False,
-           log: Callable[[str], None] | None = print) -> SearchResult:
+           log: Callable[[str], None] | None = print,
+           model: str | Callable[..., Any] | None = None) -> SearchResult:
     """Search (or resume, or find finished) the ticket of `config` under `out`, exactly as
     `slt search` does; returns the run's directory, status, summary and `.ticket`. Under
     torchrun, every process calls it and they search together. `progress`: a progress bar
-    (None: as `run.progress` says); `log`: where the per-epoch lines go (None: nowhere)."""
+    (None: as `run.progress` says); `log`: where the per-epoch lines go (None: nowhere).
+    `model`: a model name or reference, or an importable factory function returning an
+    nn.Module (recorded as python:module:function; its arguments go in model.kwargs)."""
     from slt.engine.platform import Platform
     from slt.engine.run import run_search
+    from slt.models import reference_of
 
     out = output_dir(path_arg(out, "out"), create=False, name="runs folder")
     embed_weights = bool(bool_arg(embed_weights, "embed_weights"))
     progress = bool_arg(progress, "progress", optional=True)
     callable_arg(log, "log")
-    cfg = load_config(config, overrides)
+    extra = _override_list(overrides)
+    if model is not None:
+        extra.append(f"model.name={_override_value('model', reference_of(model))}")
+    cfg = load_config(config, extra)
     if progress is not None and progress != cfg.run.progress:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, progress=progress))
     platform = Platform.from_env(cfg.run.device)  # alone, or one rank under torchrun
@@ -157,16 +164,19 @@ class Evaluation:
 
 
 def evaluate(ticket: Ticket | PathLike, data: PathLike | None = None, *,
-             overrides: Overrides = None, device: str | None = None) -> Evaluation:
+             overrides: Overrides = None, device: str | None = None,
+             trust_model: bool = False) -> Evaluation:
     """Rebuild a ticket (or a ticket file) and measure it on its dataset's test split;
     `data` is the data root on this machine (default: $SLT_DATA when set, else the run's).
     Data whose examples or classes differ from the ticket's (an override of data.name,
-    say) is one DataError line naming both, before the network is built."""
+    say) is one DataError line naming both, before the network is built. A ticket of a
+    `python:` model reference rebuilds only with `trust_model` (it imports that code)."""
     from slt import ticket as ticket_io
     from slt.capacity import allocation_errors
     from slt.data.loader import open_batches
     from slt.engine.loop import evaluate as evaluate_net
     from slt.engine.platform import resolve_device
+    from slt.models import model_known
     from slt.resolve import resolve
 
     if isinstance(ticket, (str, os.PathLike)):
@@ -175,6 +185,9 @@ def evaluate(ticket: Ticket | PathLike, data: PathLike | None = None, *,
         t = ticket_arg(ticket, "ticket", paths_too=True)
     data = None if data is None else path_arg(data, "data")
     device = device_arg(device)
+    if bool_arg(trust_model, "trust_model"):
+        t = dataclasses.replace(t, trust_model=True)
+    model_known(t.config.model.name, trusted=t.trust_model)  # before anything imports it
     given = _override_list(overrides)
     extra = list(given)
     root = str(data) if data is not None else os.environ.get("SLT_DATA")
@@ -251,21 +264,24 @@ def sweep(sweep_file: PathLike, *, out: PathLike = "runs", workers: int = 1,
     if report:
         from slt.reporting.write import write_report
 
-        log(f"report: {write_report(out, log=log)}")
+        # the sweep's own models: it has just imported them to search
+        log(f"report: {write_report(out, log=log, trust_model=True)}")
     return outcome
 
 
 def report(runs: PathLike, *, out: PathLike | None = None, evaluate_survival: bool = True,
-           log: Callable[[str], None] | None = print) -> Path:
+           log: Callable[[str], None] | None = print, trust_model: bool = False) -> Path:
     """Tables and plots (report.md, results.csv, PNGs) from a folder of run directories;
-    returns report.md's path."""
+    returns report.md's path. `trust_model`: runs of python: model references are rebuilt
+    to evaluate surviving tickets (that imports the code their configs name)."""
     from slt.reporting.write import write_report
 
     runs = path_arg(runs, "runs")
     out = None if out is None else path_arg(out, "out")
     evaluate_survival = bool(bool_arg(evaluate_survival, "evaluate_survival"))
     log = callable_arg(log, "log") or _nowhere
-    return write_report(runs, out, evaluate_survival=evaluate_survival, log=log)
+    return write_report(runs, out, evaluate_survival=evaluate_survival, log=log,
+                        trust_model=bool(bool_arg(trust_model, "trust_model")))
 
 
 def _nowhere(_: str) -> None:

@@ -174,7 +174,7 @@ def network_layout(cfg: Config, spec: DataSpec) -> NetworkLayout:
     layers = masked_layers(body)
     if len(layers) != len(count.layers):  # the same model laid out twice: never differs
         raise ConfigError(f"model {cfg.model.name} builds a different network on each call")
-    searched = searched_flags(cfg.model, len(layers))
+    searched = searched_flags(cfg.model, [name for name, _, _ in count.layers])
     rows = tuple(
         LayerLayout(name, tuple(layer.weight_shape), is_searched, n_source)
         for layer, is_searched, (name, _, n_source) in zip(layers, searched, count.layers)

@@ -58,3 +58,7 @@ class NonFiniteScoreError(SltError, ValueError):
 
 class ExportError(SltError):
     """A ticket that cannot be exported in the asked format (a missing extra, say)."""
+
+
+class VersionWarning(UserWarning):
+    """A ticket of a model reference rebuilt under another version of its library."""

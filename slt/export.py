@@ -13,6 +13,7 @@ CSR tensors (layout: the comment on `SPARSE_KEY`, and docs/export.md).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import os
@@ -25,9 +26,11 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from slt.arguments import bool_arg, device_arg, path_arg, shown, ticket_arg
+from slt.config.checks import is_reference
 from slt.errors import ConfigError, ExportError, TicketError, first_line, storage_error
 from slt.fileio import atomic_write_bytes, output_file, torch_file_problem
 from slt.layers import MaskedConv2d, MaskedLayer, MaskedLinear
+from slt.models import restore
 from slt.registry import Registry
 
 if TYPE_CHECKING:
@@ -47,12 +50,16 @@ ONNX_MISSING = ("--format onnx needs the onnx extra: pip install onnx onnxscript
                 "(or pip install '.[onnx]' in slt's checkout)")
 
 
-def to_module(ticket: Ticket, device: str | torch.device = "cpu") -> nn.Module:
-    """The ticket as a module of standard torch layers, in eval mode, on `device`.
+def to_module(ticket: Ticket, device: str | torch.device = "cpu",
+              trust_model: bool = False) -> nn.Module:
+    """The ticket as a module of standard torch layers, in eval mode, on `device`; for a
+    model reference, an instance of the user's own class (a torchvision ResNet, a timm
+    VisionTransformer) with the ticket's weights in its parameters.
 
     Weights are zero where the mask is off; BatchNorm keeps the ticket's statistics. Inputs
     are what slt's network takes: normalised by the data (slt.data), not by the module.
     `device`: cpu, cuda, cuda:N or auto (cuda when present), checked before the rebuild.
+    `trust_model`: rebuild a `python:` reference (it imports the code the ticket names).
     """
     from slt.engine.platform import resolve_device
     from slt.ticket import rebuild
@@ -60,8 +67,11 @@ def to_module(ticket: Ticket, device: str | torch.device = "cpu") -> nn.Module:
     ticket = ticket_arg(ticket)
     name = device_arg(device, any_torch=True) or "cpu"
     target = resolve_device(name) if name in ("auto", "cuda") else torch.device(name)
-    net = rebuild(ticket, torch.device("cpu"))
+    net = rebuild(ticket, torch.device("cpu"), trust_model or ticket.trust_model)
     body = net.body
+    if is_reference(ticket.config.model.name):  # the user's own class, weights in place
+        with torch.no_grad():
+            return restore(body).to(target).eval()
     with torch.no_grad():
         for parent in list(body.modules()):
             for name, child in list(parent.named_children()):
@@ -92,8 +102,17 @@ def layer_masks(ticket: Ticket) -> dict[str, Tensor]:
     return {tl.name: tl.mask for tl in ticket.layers}
 
 
+def weight_masks(ticket: Ticket) -> dict[str, Tensor]:
+    """The masks of `layer_masks` by their weight's key in `to_module`'s state dict: the
+    layer `fc` of a built-in model has `fc.weight`; a model reference's layers are named
+    by their parameters already (`head.weight`, `attn.in_proj_weight`)."""
+    reference = is_reference(ticket.config.model.name)
+    return {name if reference else f"{name}.weight": mask
+            for name, mask in layer_masks(ticket).items()}
+
+
 def export(ticket: Ticket, path: str | os.PathLike[str], fmt: str, sparse: bool = False,
-           *, inputs: Iterable[str | os.PathLike[str]] = ()) -> int:
+           *, inputs: Iterable[str | os.PathLike[str]] = (), trust_model: bool = False) -> int:
     """Write the ticket in format `fmt` to `path` atomically (an old file stays whole until
     the new one is complete); returns the file's size in bytes. `path` must be a new file
     or a regular file that is none of `inputs` nor the ticket's own file; a symlink is
@@ -103,6 +122,8 @@ def export(ticket: Ticket, path: str | os.PathLike[str], fmt: str, sparse: bool 
         raise ConfigError(f"fmt must be an export format name ({', '.join(EXPORTS.names())}), "
                           f"got {shown(fmt)}")
     sparse = bool(bool_arg(sparse, "sparse"))
+    if bool_arg(trust_model, "trust_model"):
+        ticket = dataclasses.replace(ticket, trust_model=True)
     own = (ticket.path,) if ticket.path is not None else ()  # the file it was read from
     target = output_file(path_arg(path, "path"), (*inputs, *own))  # before the export
     data = EXPORTS.get(fmt)(ticket, sparse)
@@ -125,8 +146,7 @@ def state_dict_bytes(ticket: Ticket, sparse: bool) -> bytes:
         return _save(state)
     out: dict[str, Tensor] = dict(state)
     shapes: dict[str, list[int]] = {}
-    for name, mask in layer_masks(ticket).items():
-        key = f"{name}.weight"
+    for key, mask in weight_masks(ticket).items():
         if _csr_pays(mask, value_bytes=4, dense_bytes=4):
             out[key], _ = _csr(state[key], mask)
             shapes[key] = list(mask.shape)
@@ -139,19 +159,20 @@ def prune_bytes(ticket: Ticket, sparse: bool) -> bytes:
     per prunable layer, as `prune.custom_from_mask` leaves a module's state dict."""
     sparse = _format_args(ticket, sparse)
     module = to_module(ticket)
-    masks = layer_masks(ticket)
-    for name, mask in masks.items():
-        prune.custom_from_mask(module.get_submodule(name), "weight", mask)
+    masks = weight_masks(ticket)
+    for key, mask in masks.items():
+        owner, _, attr = key.rpartition(".")
+        prune.custom_from_mask(module.get_submodule(owner), attr, mask)
     state = module.state_dict()
     if not sparse:
         return _save(state)
     out: dict[str, Tensor] = dict(state)
     shapes: dict[str, list[int]] = {}
-    for name, mask in masks.items():
+    for key, mask in masks.items():
         if _csr_pays(mask, value_bytes=4 + 1, dense_bytes=4 + 4):
-            orig, kept = _csr(state[f"{name}.weight_orig"], mask)
-            out[f"{name}.weight_orig"], out[f"{name}.weight_mask"] = orig, kept
-            shapes[f"{name}.weight_orig"] = shapes[f"{name}.weight_mask"] = list(mask.shape)
+            orig, kept = _csr(state[f"{key}_orig"], mask)
+            out[f"{key}_orig"], out[f"{key}_mask"] = orig, kept
+            shapes[f"{key}_orig"] = shapes[f"{key}_mask"] = list(mask.shape)
     return _save({SPARSE_KEY: 1, "state_dict": out, "shapes": shapes})
 
 

@@ -115,3 +115,32 @@ def non_affine_bn(channels: int, affine: bool = False, dims: int = 2) -> nn.Modu
 def masked_layers(module: nn.Module) -> list[MaskedLayer]:
     """The masked layers of a model in registration order (= forward order for our models)."""
     return [m for m in module.modules() if isinstance(m, MaskedLayer)]
+
+
+class WeightSlot(MaskedLayer):
+    """A weight of the user's own module (a model reference) made a masked layer.
+
+    The module keeps its own forward: before each forward pass the network puts the
+    effective weight back where the module reads it (`install`), as a plain tensor
+    attribute that shadows this slot (registered under the parameter's own name, so the
+    layer is named like the parameter it replaced, e.g. `blocks.0.attn.qkv.weight`).
+    Every owner of a tied weight reads the same tensor: it is searched once.
+    """
+
+    def __init__(self, weight_shape: tuple[int, ...], targets: list[tuple[nn.Module, str]]):
+        super().__init__(weight_shape)
+        # plain list, not registered: the owners contain this slot, not the other way round
+        self.targets = targets
+
+    def install(self) -> None:
+        """Make the owners read this layer's current effective (or dense frozen) weight."""
+        weight = self.weight()
+        for owner, attr in self.targets:
+            owner.__dict__[attr] = weight
+
+    def release(self) -> Tensor:
+        """Remove the installed tensors and return the weight (for `to_module`)."""
+        weight = self.weight().detach().clone()
+        for owner, attr in self.targets:
+            owner.__dict__.pop(attr, None)
+        return weight

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import torch
 from torch import Tensor, nn
 
+from slt.config.checks import is_reference
 from slt.config.schema import Config, ModelConfig
-from slt.errors import ConfigError
-from slt.layers import MaskedLayer, masked_layers
-from slt.models import build_model
+from slt.errors import ConfigError, did_you_mean
+from slt.layers import MaskedLayer, WeightSlot, masked_layers
+from slt.models import build_model, seed_parameters
 from slt.scorers import Budget, Scorer
 from slt.scorers.lookup import create_scorer
 from slt.seeding import generator
@@ -46,6 +48,10 @@ class SltNetwork(nn.Module):
         # The layer set is fixed once built: found once here, not on every forward pass.
         self._all_layers = masked_layers(body)
         self._searched_layers = [layer for layer in self._all_layers if layer.searched]
+        # a model reference's weights, put back where its own forward reads them
+        self._slots = [layer for layer in self._all_layers if isinstance(layer, WeightSlot)]
+        # dropout and the like draw from torch's global generator: the loop seeds it per step
+        self.stochastic = any(_draws_randomly(m) for m in body.modules())
 
     @property
     def all_layers(self) -> list[MaskedLayer]:
@@ -65,6 +71,13 @@ class SltNetwork(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.fixed:
             self.refresh()
+        return self.apply_body(x)
+
+    def apply_body(self, x: Tensor) -> Tensor:
+        """The body on `x` with the effective weights as they are (no new top-k): a model
+        reference's weights are put back where its forward reads them first."""
+        for slot in self._slots:
+            slot.install()
         return self.body(x)
 
     def ticket_masks(self) -> list[Tensor]:
@@ -108,6 +121,13 @@ class SltNetwork(nn.Module):
         }
 
 
+def _draws_randomly(module: nn.Module) -> bool:
+    """Dropout (any kind) or stochastic depth with a non-zero rate."""
+    rate = getattr(module, "p", None) if isinstance(
+        module, nn.modules.dropout._DropoutNd) else getattr(module, "drop_prob", None)
+    return isinstance(rate, (int, float)) and rate > 0
+
+
 def _budget(cfg: Config, source: list[int], sizes: list[int]) -> tuple[Budget, float]:
     """Ticket counts per layer and in total, and the relative keep used for them."""
     n_total, n_source = sum(sizes), sum(source)
@@ -139,13 +159,39 @@ def _check_layers(cfg: Config, names: list[str], source: list[int], budget: Budg
             )
 
 
-def searched_flags(model: ModelConfig, n_layers: int) -> list[bool]:
-    """Which of a model's `n_layers` prunable layers (in forward order) the search prunes:
-    all but the first and last where `first_layer_dense` / `last_layer_dense` keep them
-    dense. The one place this is decided, for the build, the counts and the layouts."""
-    last = n_layers - 1
+def searched_flags(model: ModelConfig, names: Sequence[str]) -> list[bool]:
+    """Which of a model's prunable layers (named, in order) the search prunes: all but the
+    first and last where `first_layer_dense` / `last_layer_dense` keep them dense, and, of
+    those, the ones `search_include` selects (all when empty) and `search_exclude` does
+    not. The one place this is decided, for the build, the counts and the layouts."""
+    last = len(names) - 1
+    include = _matches(model.search_include, names, "search_include")
+    exclude = _matches(model.search_exclude, names, "search_exclude")
     return [not ((i == 0 and model.first_layer_dense) or (i == last and model.last_layer_dense))
-            for i in range(n_layers)]
+            and (not model.search_include or include[i]) and not exclude[i]
+            for i in range(len(names))]
+
+
+def _matches(patterns: Sequence[str], names: Sequence[str], key: str) -> list[bool]:
+    """Per layer, whether a glob matches its name or the name of a module holding it
+    (`blocks.0` selects every layer of the first block); a pattern matching no layer is
+    a ConfigError (a typo would otherwise search another network than meant)."""
+    scopes = [_scopes(name) for name in names]
+    hits = [False] * len(names)
+    for pattern in patterns:
+        found = [any(fnmatchcase(s, pattern) for s in scope) for scope in scopes]
+        if not any(found):
+            raise ConfigError(f"model.{key} pattern {pattern!r} matches no layer of the "
+                              f"model{did_you_mean(pattern, list(names))} (slt layers lists "
+                              "them)")
+        hits = [h or f for h, f in zip(hits, found)]
+    return hits
+
+
+def _scopes(name: str) -> list[str]:
+    """'a.b.c' -> ['a.b.c', 'a.b', 'a']: the layer and every module holding it."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
 def build_network(cfg: Config, spec: DataSpec) -> SltNetwork:
@@ -155,9 +201,10 @@ def build_network(cfg: Config, spec: DataSpec) -> SltNetwork:
     layers = masked_layers(body)
     if not layers:
         raise ConfigError(f"model {cfg.model.name} has no prunable layers")
-    searched = searched_flags(cfg.model, len(layers))
+    searched = searched_flags(cfg.model, [names[id(layer)] for layer in layers])
     if not any(searched):
-        raise ConfigError("first_layer_dense and last_layer_dense leave no layer to search")
+        raise ConfigError("first_layer_dense, last_layer_dense and model.search_include / "
+                          "search_exclude leave no layer to search")
     search_layers = [layer for layer, s in zip(layers, searched) if s]
     shapes = [layer.weight_shape for layer in search_layers]
     counts = iter(source_counts(
@@ -187,6 +234,8 @@ def build_network(cfg: Config, spec: DataSpec) -> SltNetwork:
             layer.scores = nn.Parameter(scores)
         infos.append(LayerInfo(i, names[id(layer)], layer.weight_shape, layer.numel,
                                is_searched, layer.n_source))
+    if is_reference(cfg.model.name):
+        seed_parameters(body, cfg.model, cfg.run.seed)
     return SltNetwork(body, scorer, budget, infos)
 
 
@@ -217,7 +266,7 @@ def count_weights(cfg: Config, spec: DataSpec) -> WeightCount:
         body = build_model(cfg.model, spec)
     names = {id(m): n for n, m in body.named_modules()}
     layers = masked_layers(body)
-    searched = searched_flags(cfg.model, len(layers))
+    searched = searched_flags(cfg.model, [names[id(layer)] for layer in layers])
     shapes = [layer.weight_shape for layer, s in zip(layers, searched) if s]
     sizes = [layer.numel for layer, s in zip(layers, searched) if s]
     if cfg.source.scheme == "custom" or sum(sizes) <= 2 ** 53:

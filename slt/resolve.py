@@ -51,7 +51,7 @@ def check_names(cfg: Config) -> None:
     from slt.scorers.lookup import scorer_options  # torch: only when a config is resolved
 
     data.DATASETS.get(cfg.data.name)
-    models.MODELS.get(cfg.model.name)
+    models.model_known(cfg.model.name)
     source.INITS.get(cfg.model.init)
     scorer_options(cfg.search.scorer, dict(cfg.search.scorer_options))
     if cfg.source.scheme != "custom":

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,11 +26,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from slt.config.checks import from_dict
+from slt.config.checks import from_dict, is_reference
 from slt.config.ids import config_hash
 from slt.config.schema import Config
-from slt.errors import TicketError, first_line
+from slt.errors import TicketError, VersionWarning, first_line
 from slt.fileio import atomic_write_bytes
+from slt.models import library_versions, model_known
 from slt.rundir import MAGIC, is_whole_number
 from slt.spec import DataSpec
 from slt.ticket_format import (
@@ -56,16 +58,19 @@ class Ticket:
     layers: list[TicketLayer]
     buffers: dict[str, Tensor] = field(default_factory=dict)
     path: Path | None = None  # the file it was read from: an export never overwrites it
+    trust_model: bool = False  # rebuild a python: model reference (imports its code)
 
     @property
     def metrics(self) -> dict[str, float]:
         return self.header.get("metrics", {})
 
-    def to_module(self, device: str | torch.device = "cpu") -> torch.nn.Module:
-        """The ticket as a plain module of standard torch layers (see slt.export)."""
+    def to_module(self, device: str | torch.device = "cpu",
+                  trust_model: bool = False) -> torch.nn.Module:
+        """The ticket as a plain module: standard torch layers for a built-in model, the
+        user's own class for a model reference (see slt.export.to_module)."""
         from slt.export import to_module
 
-        return to_module(self, device)
+        return to_module(self, device, trust_model)
 
     def compact_masks(self) -> list[Tensor]:
         """Ticket masks over each searched layer's source edges (the network's layout)."""
@@ -137,6 +142,9 @@ def save(
         "metrics": metrics or {}, "densities": net.densities(masks),
         "layers": layer_rows, "buffers": buffer_rows,
     }
+    if is_reference(cfg.model.name):  # another version may lay the model out otherwise
+        header["libraries"] = {"torch": torch.__version__,
+                               **library_versions(cfg.model.name)}
     head = json.dumps(header).encode("utf-8")
     body = MAGIC + struct.pack("<Q", len(head)) + head + bytes(payload)
     atomic_write_bytes(path, body + hashlib.sha256(body).digest())
@@ -293,8 +301,12 @@ def _mismatch(ticket: Ticket, what: str, changed: list[str]) -> TicketError:
                        f"machine draws other random numbers{moved}")
 
 
-def rebuild(ticket: Ticket, device: torch.device) -> SltNetwork:
+def rebuild(ticket: Ticket, device: torch.device, trust_model: bool = False) -> SltNetwork:
     """The ticket's network, masks fixed, ready to evaluate.
+
+    A ticket whose model is a `python:` reference names code to import and run: it is
+    rebuilt only with `trust_model` (a ConfigError line otherwise). A torchvision or timm
+    model rebuilt under another library version than the ticket's is a VersionWarning.
 
     A ticket with embedded weights uses its stored source masks and weights as they are
     (the portable form). Otherwise weights and sources are regenerated from the seeds and
@@ -304,6 +316,8 @@ def rebuild(ticket: Ticket, device: torch.device) -> SltNetwork:
     from slt.capacity import network_layout
     from slt.network import build_network
 
+    model_known(ticket.config.model.name, trusted=trust_model or ticket.trust_model)
+    warn_versions(ticket)
     shape, classes = ticket.header["spec"]["shape"], ticket.header["spec"]["num_classes"]
     spec = DataSpec(tuple(shape), classes)
     changed = network_overrides(ticket)
@@ -339,12 +353,27 @@ def rebuild(ticket: Ticket, device: torch.device) -> SltNetwork:
     return net
 
 
-def embed_weights(path: str | os.PathLike[str]) -> None:
+def warn_versions(ticket: Ticket) -> None:
+    """A VersionWarning naming each library whose version differs from the ticket's."""
+    saved = ticket.header.get("libraries")
+    if not isinstance(saved, dict) or not is_reference(ticket.config.model.name):
+        return
+    now = {"torch": torch.__version__, **library_versions(ticket.config.model.name)}
+    differ = [f"{lib} {now.get(lib, 'absent')} (the ticket's: {ver})"
+              for lib, ver in sorted(saved.items()) if now.get(lib) != ver]
+    if differ:
+        warnings.warn_explicit(
+            f"ticket {ticket.path or ''} was found with other library versions: "
+            f"{'; '.join(differ)}; the model may be laid out or compute differently",
+            VersionWarning, filename="slt", lineno=0, module="slt.ticket")
+
+
+def embed_weights(path: str | os.PathLike[str], trust_model: bool = False) -> None:
     """Rewrite a ticket file in the portable form, with its weights stored."""
     ticket = load(path)
     if ticket.header["embedded_weights"]:
         return
-    net = rebuild(ticket, torch.device("cpu"))
+    net = rebuild(ticket, torch.device("cpu"), trust_model)
     shape, classes = ticket.header["spec"]["shape"], ticket.header["spec"]["num_classes"]
     save(path, ticket.config, DataSpec(tuple(shape), classes), net, ticket.compact_masks(),
          metrics=ticket.metrics, embed_weights=True)

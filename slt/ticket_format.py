@@ -165,7 +165,7 @@ class HeaderChecker:
         None for the layout when the config names a model or scheme this machine has not
         registered (a plug-in), so that its ticket still reads (`slt report` elsewhere)."""
         from slt.capacity import network_layout
-        from slt.models import MODELS
+        from slt.models import model_known
         from slt.source import SCHEMES
 
         raw = header["config"]
@@ -182,7 +182,11 @@ class HeaderChecker:
         self.that(is_whole_number(classes) and 1 <= classes <= 2 ** 31, "spec.num_classes",
                   f"is {shown(classes)}, not a count in 1..2^31")
         data_spec = DataSpec(tuple(shape), classes)
-        if cfg.model.name not in MODELS or cfg.source.scheme not in (*SCHEMES, "custom"):
+        try:  # never imports a python: reference's code: its header's own layout serves
+            model_known(cfg.model.name, trusted=False)
+        except SltError:
+            return cfg, data_spec, None
+        if cfg.source.scheme not in (*SCHEMES, "custom"):
             return cfg, data_spec, None
         try:
             layout = network_layout(cfg, data_spec)
@@ -204,6 +208,12 @@ class HeaderChecker:
                   "weights_sha256", f"is {shown(header['weights_sha256'])}, not 64 hex digits")
         if "scorer" in header:
             self.that(isinstance(header["scorer"], str), "scorer", "is not a name")
+        if "libraries" in header:
+            libs = header["libraries"]
+            self.that(isinstance(libs, dict) and len(libs) <= 8 and all(
+                isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= 64
+                and 0 < len(v) <= 64 and v.isprintable() for k, v in libs.items()),
+                "libraries", f"is {shown(libs)}, not a table of library versions")
         metrics = header["metrics"]
         self.that(isinstance(metrics, dict), "metrics", "is not a table of numbers")
         for key, value in metrics.items():

@@ -27,6 +27,32 @@ def split_scorer_table(body: dict[str, Any], origin: str) -> dict[str, Any]:
     return {**body, "scorer": name, "scorer_options": tuple(sorted(table.items()))}
 
 
+def _kwarg_value(key: str, value: Any) -> Any:
+    """A factory argument as a frozen value: TOML scalars, lists as tuples."""
+    value = plain_value(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_kwarg_value(key, v) for v in value)
+    if isinstance(value, (bool, int, float, str)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+        return value
+    raise ConfigError(f"{key}: a factory argument must be a number, true/false, a string or "
+                      f"a list of them, got {value!r:.60}")
+
+
+def model_kwargs(value: Any) -> tuple[tuple[str, Any], ...]:
+    """The [model.kwargs] table as sorted (name, value) pairs (so equal tables hash alike)."""
+    if isinstance(value, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        value = dict(value)  # the pairs of a Config already built
+    if not isinstance(value, dict):
+        raise ConfigError(f"model.kwargs must be a table of factory arguments, got {value!r:.60}")
+    for name in value:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"model.kwargs: {name!r:.40} is not an argument name")
+    return tuple(sorted((k, _kwarg_value(f"model.kwargs.{k}", v)) for k, v in value.items()))
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -121,6 +147,8 @@ def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
                 )
             if (name, key) == ("search", "scorer_options"):
                 kwargs[key] = value  # typed against the rule's own options by slt.resolve
+            elif (name, key) == ("model", "kwargs"):
+                kwargs[key] = model_kwargs(value)
             else:
                 kwargs[key] = coerce(f"{name}.{key}", value, hints[key])
         built[name] = cls(**kwargs)
@@ -152,6 +180,8 @@ def check_alternatives(keys: Iterable[str], origin: str) -> None:
 
 CHOICES = {
     ("model", "init_scale"): ("none", "source", "ticket"),
+    ("model", "bias"): ("zero", "random"),
+    ("model", "norm"): ("fixed", "learned"),
     ("search", "scope"): ("layer", "global"),
     ("run", "device"): ("auto", "cpu", "cuda"),
     ("run", "precision"): ("fp32", "bf16", "fp16"),
@@ -201,10 +231,7 @@ def validate(cfg: Config) -> None:
                 f"search.ticket_density ({s.ticket_density}) cannot exceed source.density "
                 f"({cfg.source.density}): the ticket lives inside the source"
             )
-    if cfg.model.width <= 0:
-        raise ConfigError(f"model.width must be positive, got {cfg.model.width}")
-    if any(h <= 0 for h in cfg.model.hidden):
-        raise ConfigError("model.hidden sizes must be positive")
+    check_model(cfg.model)
     positive = {
         "search.epochs": s.epochs, "search.batch_size": s.batch_size,
         "search.eval_batch_size": s.eval_batch_size, "data.input_dim": cfg.data.input_dim,
@@ -223,6 +250,36 @@ def validate(cfg: Config) -> None:
                        ("run.checkpoint_every", cfg.run.checkpoint_every)):
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+
+
+# The prefixes of a model reference (slt.models.reference builds them).
+REFERENCE_KINDS = ("torchvision:", "timm:", "python:")
+
+
+def is_reference(name: str) -> bool:
+    """Whether model.name refers to a model of another library or of the user's code."""
+    return name.startswith(REFERENCE_KINDS)
+
+
+def check_model(model: Any) -> None:
+    """Sizes, and the model keys that apply to one kind of model only given to the other."""
+    if model.width <= 0:
+        raise ConfigError(f"model.width must be positive, got {model.width}")
+    if any(h <= 0 for h in model.hidden):
+        raise ConfigError("model.hidden sizes must be positive")
+    if is_reference(model.name):
+        if model.width != 1.0:
+            raise ConfigError(f"model.width applies to built-in models only; {model.name} is "
+                              "sized by its own arguments ([model.kwargs]): leave width at 1")
+        if model.bn_affine:
+            raise ConfigError("model.bn_affine applies to built-in models; for "
+                              f"{model.name} set model.norm = \"learned\"")
+        return
+    for key, default in (("kwargs", ()), ("bias", "zero"), ("norm", "fixed")):
+        if getattr(model, key) != default:
+            hint = " (use model.bn_affine)" if key == "norm" else ""
+            raise ConfigError(f"model.{key} applies to model references (torchvision:, timm:, "
+                              f"python:); the built-in {model.name} has no such setting{hint}")
 
 
 def check_optimizer(s: SearchConfig) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,8 @@ def _run_name(cfg: Config, digest: str) -> str:
         size = f"custom-k{cfg.keep:.4g}"
     else:
         size = f"d{cfg.source.density:g}-t{cfg.ticket_density:.4g}"
-    return f"{cfg.data.name}-{cfg.model.name}-{size}-{digest}"
+    model = re.sub(r"[^A-Za-z0-9_.]+", "_", cfg.model.name)  # a reference's ':' is no path
+    return f"{cfg.data.name}-{model}-{size}-{digest}"
 
 
 def run_id(cfg: Config) -> str:

@@ -46,8 +46,12 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _f("mlp", "architecture: mlp, conv2, conv4, conv6, conv8, vgg16, resnet18, "
-                   "resnet20, resnet50")
-    width: float = _f(1.0, "width multiplier of every hidden layer")
+                   "resnet20, resnet50; or a reference to your own: torchvision:NAME, "
+                   "timm:NAME, python:package.module:factory (docs/models.md)")
+    kwargs: tuple[tuple[str, Any], ...] = _f(
+        (), "a reference's factory arguments, from a [model.kwargs] table (num_classes is "
+        "filled from the data unless given)")
+    width: float = _f(1.0, "width multiplier of every hidden layer (built-in models only)")
     hidden: tuple[int, ...] = _f((300, 100), "mlp: hidden layer sizes before the width multiplier")
     init: str = _f("kaiming_normal", "weight init: kaiming_normal or signed_constant")
     init_scale: str = _f("none", "divide the init std by sqrt of this per-layer density: "
@@ -55,6 +59,13 @@ class ModelConfig:
     bn_affine: bool = _f(False, "learn BatchNorm scale and shift (off: only scores are learned)")
     first_layer_dense: bool = _f(False, "keep the first layer dense and out of the search")
     last_layer_dense: bool = _f(False, "keep the last layer dense and out of the search")
+    search_include: tuple[str, ...] = _f((), "glob patterns over layer or module names: only "
+                                         "matching layers are searched (empty: all)")
+    search_exclude: tuple[str, ...] = _f((), "glob patterns over layer or module names: "
+                                         "matching layers stay dense and frozen")
+    bias: str = _f("zero", "a reference's biases: zero, or random (frozen, drawn from run.seed)")
+    norm: str = _f("fixed", "a reference's normalisation layers: fixed (scale 1, shift 0, "
+                   "frozen) or learned (scale and shift trained with the scores)")
 
 
 @dataclass(frozen=True)
@@ -159,6 +170,8 @@ def section_dict(section: Any) -> dict[str, Any]:
     for f in fields(section):
         value = getattr(section, f.name)
         out[f.name] = list(value) if isinstance(value, tuple) else value
+    if isinstance(section, ModelConfig):
+        out["kwargs"] = dict(section.kwargs)  # the [model.kwargs] table
     if isinstance(section, SearchConfig):
         # [search.scorer] is one table: the rule's name and its options
         options = out.pop("scorer_options")

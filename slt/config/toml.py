@@ -42,6 +42,12 @@ def set_key(raw: dict[str, Any], dotted: str, value: Any, origin: str = "--set")
         scorer[parts[2]] = value
         table["scorer"] = scorer
         return
+    if parts[:2] == ["model", "kwargs"] and len(parts) == 3 and parts[2]:
+        # model.kwargs.NAME: one argument of a model reference's factory
+        table = raw.setdefault("model", {})
+        kwargs = table.get("kwargs")
+        table["kwargs"] = {**(kwargs if isinstance(kwargs, dict) else {}), parts[2]: value}
+        return
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"{origin}: expected section.key, got '{dotted}'")
     section, key = parts
@@ -60,10 +66,14 @@ def set_key(raw: dict[str, Any], dotted: str, value: Any, origin: str = "--set")
         table.pop("ticket_density" if key == "keep" else "keep", None)
 
 
+# Tables whose own keys a dotted name may set: a scoring rule's options, a model's kwargs.
+TABLE_KEYS = ("search.scorer.", "model.kwargs.")
+
+
 def check_key(dotted: str, origin: str) -> None:
     """ConfigError unless `dotted` names a config key (e.g. source.density) or a scoring
     rule's option (search.scorer.NAME, checked against the rule when the config is built)."""
-    if dotted.startswith("search.scorer.") and dotted.count(".") == 2:
+    if dotted.startswith(TABLE_KEYS) and dotted.count(".") == 2:
         return
     keys = [k for k, _, _ in describe()]
     if dotted not in keys:
@@ -75,7 +85,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set expects section.key=value, got '{item}'")
     dotted, text = (part.strip() for part in item.split("=", 1))
-    if len(dotted.split(".")) != 2 and not dotted.startswith("search.scorer."):
+    if len(dotted.split(".")) != 2 and not dotted.startswith(TABLE_KEYS):
         raise ConfigError(f"--set expects section.key=value, got '{item}'")
     return dotted, parse_value(text)
 
@@ -145,6 +155,8 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):  # an inline table, e.g. search.scorer with its options
+        if not value:
+            return "{}"
         return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {value!r} as TOML")
 
@@ -169,7 +181,7 @@ def describe() -> list[tuple[str, str, str]]:
     rows = []
     for section, cls in SECTIONS.items():
         for f in fields(cls):
-            if f.name == "scorer_options":
+            if f.name in ("scorer_options", "kwargs"):
                 continue  # set through the [search.scorer] table (see `slt scorers`)
             default = f.default if f.default is not dataclasses.MISSING else None
             rows.append((f"{section}.{f.name}", repr(default), f.metadata.get("help", "")))

@@ -43,6 +43,7 @@ from slt.rundir import (
     read_metrics,
 )
 from slt.scorers import EpochContext
+from slt.seeding import derive_seed
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -61,7 +62,7 @@ def evaluate(net: SltNetwork, batches: Batches, batch_size: int) -> tuple[float,
         net.refresh()
     correct, loss_sum, n = 0, 0.0, 0
     for x, y in batches.test_batches(batch_size):
-        out = net.body(x)
+        out = net.apply_body(x)
         loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
         n += y.numel()
@@ -210,7 +211,7 @@ class Search:
         s = self.cfg.search
         global_n = min(s.batch_size, self.batches.n_train - step * s.batch_size)
         lr = self.optimizer.param_groups[0]["lr"]  # this step's (a host float)
-        with self.diverged(epoch):
+        with self.diverged(epoch), self.seeded(epoch, step):
             loss, out = self.step(x, y, global_n)
             if self.tb is not None:
                 self.tb.step(loss, lr)  # kept on the device until written
@@ -219,6 +220,21 @@ class Search:
                 if self.tb is not None:
                     self.tb.write_steps()
         return loss, out, global_n
+
+    @contextmanager
+    def seeded(self, epoch: int, step: int) -> Iterator[None]:
+        """A model that draws randomly in its forward (dropout, stochastic depth) draws
+        from torch's generator seeded by (run.seed, epoch, step, rank), restored after:
+        a resumed run draws what the uninterrupted run drew."""
+        if not self.net.stochastic:
+            yield
+            return
+        device = self.platform.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                   device_type=device.type):
+            torch.manual_seed(derive_seed("dropout", self.cfg.run.seed, epoch, step,
+                                          self.platform.rank))
+            yield
 
     def stop_asked(self, step: int, last: bool) -> bool:
         """Whether to stop after this step. Alone: asked every step. In a group: rank 0's

@@ -4,7 +4,10 @@ A builder only lays out the architecture; the network builder (`slt.network`) in
 frozen weights and the source mask on each `masked_layers(model)` entry afterwards.
 """
 
-from slt.models.build import build_model
+from slt.models.build import build_model, model_known
+from slt.models.convert import ParamRole, other_parameters, restore, seed_parameters
+from slt.models.reference import library_versions, reference_of, split_reference
 from slt.models.registry import MODELS
 
-__all__ = ["MODELS", "build_model"]
+__all__ = ["MODELS", "ParamRole", "build_model", "library_versions", "model_known",
+           "other_parameters", "reference_of", "restore", "seed_parameters", "split_reference"]

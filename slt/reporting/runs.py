@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from slt.analysis import THEORY, theory_width
-from slt.config.checks import from_dict
+from slt.config.checks import from_dict, is_reference
 from slt.config.ids import NOT_HASHED, config_hashes
 from slt.config.schema import Config, dense_source
 from slt.config.toml import read_toml
@@ -46,15 +46,25 @@ class Run:
         return self.config.source.density
 
 
+# Model keys that only a model reference has (slt.config.checks refuses them otherwise).
+REFERENCE_ONLY = ("kwargs", "bias", "norm")
+
+
 def raw_settings(cfg: Config) -> dict[str, Any]:
     """The config keys that say what a run computes, flattened, as the run used them."""
     out: dict[str, Any] = {}
+    reference = is_reference(cfg.model.name)
     for section, body in cfg.to_dict().items():
         for key, value in body.items():
             if (section, key) in NOT_HASHED or (section, key) in (("search", "keep"),
                                                                   ("search", "ticket_density")):
                 continue
-            if isinstance(value, dict):  # a rule with options: "iterand(rate=0.2)"
+            if section == "model" and (key in ("search_include", "search_exclude")
+                                       and not value or key in REFERENCE_ONLY and not reference):
+                continue  # not set, or not settable for a built-in model: no column
+            if (section, key) == ("model", "kwargs"):  # "img_size=32, patch_size=4"
+                value = ", ".join(f"{k}={v}" for k, v in value.items())
+            elif isinstance(value, dict):  # a rule with options: "iterand(rate=0.2)"
                 value = value["name"] + "(" + ", ".join(
                     f"{k}={v}" for k, v in value.items() if k != "name") + ")"
             out[f"{section}.{key}"] = tuple(value) if isinstance(value, list) else value

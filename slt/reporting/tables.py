@@ -67,8 +67,9 @@ class Evaluator:
     """Test accuracy of a dense run's network restricted to a set of masks; data is loaded
     once per dataset. Reports once why it cannot evaluate (no data here, say)."""
 
-    def __init__(self, enabled: bool, note: Callable[[str], None]):
+    def __init__(self, enabled: bool, note: Callable[[str], None], trust_model: bool = False):
         self.enabled = enabled
+        self.trust_model = trust_model
         self.note = note
         self.failed: set[str] = set()  # datasets that could not be loaded here
         self._data: dict[str, Any] = {}
@@ -94,7 +95,7 @@ class Evaluator:
         try:
             if name not in self._data:
                 self._data[name] = open_batches(cfg.data, device)
-            net = ticket_io.rebuild(dense_ticket, device)
+            net = ticket_io.rebuild(dense_ticket, device, self.trust_model)
         except SltError as exc:
             self.failed.add(name)
             self.note(f"surviving tickets were not evaluated: {exc}")

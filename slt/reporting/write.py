@@ -66,9 +66,11 @@ def report_folder(out: str | os.PathLike[str], run_dirs: list[Path]) -> Path:
 
 
 def write_report(runs_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
-                 evaluate_survival: bool = True, log: Callable[[str], None] = print) -> Path:
+                 evaluate_survival: bool = True, log: Callable[[str], None] = print,
+                 trust_model: bool = False) -> Path:
     """Write report.md, results.csv and plots; returns the report.md path. The folder and
-    every file in it are checked before anything is written (`report_folder`)."""
+    every file in it are checked before anything is written (`report_folder`).
+    `trust_model`: rebuild python: model references to evaluate surviving tickets."""
     runs, unreadable = load_runs(runs_dir)
     out_dir = report_folder(Path(runs_dir) / "report" if out is None else out,
                             [r.path for r in (*runs, *unreadable)])
@@ -86,7 +88,7 @@ def write_report(runs_dir: str | os.PathLike[str], out: str | os.PathLike[str] |
     write_csv(out_dir / "results.csv", runs, unreadable)
     plots = _plotter(out_dir, note)
     if study.finished:
-        md += study_sections(study, plots, Evaluator(evaluate_survival, note), note)
+        md += study_sections(study, plots, Evaluator(evaluate_survival, note, trust_model), note)
     md += unfinished_sections(runs, unreadable)
     if notes:
         md += ["## Notes\n", *[f"- {n}\n" for n in notes]]
