@@ -41,7 +41,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from slt.api import evaluate, load_ticket
 
     ticket = load_ticket(args.ticket)
-    result = evaluate(ticket, overrides=args.overrides, device=args.device)
+    result = evaluate(ticket, overrides=args.overrides, device=args.device,
+                      trust_model=args.trust_model)
     acc, loss, recorded = result.test_acc, result.test_loss, result.recorded_test_acc
     dens = ticket.header["densities"]
     print(f"ticket {args.ticket}")
@@ -60,8 +61,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
+    from slt.config.checks import is_reference
     from slt.config.ids import run_id
     from slt.config.toml import load_raw, to_toml
+    from slt.models import library_versions
     from slt.resolve import load, rule_settings
 
     cfg = load(args.config, args.overrides)
@@ -71,6 +74,10 @@ def cmd_config_show(args: argparse.Namespace) -> int:
              for key in from_rule}
     print(f"# run id: {run_id(cfg)}")
     print(f"# ticket density {cfg.ticket_density:.6g} absolute, keep {cfg.keep:.6g} of the source")
+    if is_reference(cfg.model.name):
+        versions = ", ".join(f"{k} {v}" for k, v in library_versions(cfg.model.name).items())
+        print(f"# model: reference {cfg.model.name}" + (f" ({versions})" if versions else "")
+              + "; slt layers lists what is searched")
     print(to_toml(cfg, notes), end="")
     return 0
 
@@ -156,7 +163,9 @@ def cmd_scorers(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from slt.api import report
 
-    print(f"report: {report(args.runs, out=args.out, evaluate_survival=not args.no_eval)}")
+    path = report(args.runs, out=args.out, evaluate_survival=not args.no_eval,
+                  trust_model=args.trust_model)
+    print(f"report: {path}")
     return 0
 
 
@@ -179,7 +188,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     EXPORTS.get(args.format)  # a mistyped format, or an --out that cannot be written,
     output_file(args.out, [args.ticket])  # fails before the ticket is read
     ticket = ticket_io.load(args.ticket)
-    size = export(ticket, args.out, args.format, sparse=args.sparse)  # never over ticket.path
+    size = export(ticket, args.out, args.format, sparse=args.sparse,  # never over ticket.path
+                  trust_model=args.trust_model)
     layout = ", sparse CSR" if args.sparse else ""
     print(f"wrote {args.out} ({args.format}{layout}): {size} bytes")
     return 0
@@ -226,6 +236,8 @@ def _result_parsers(sub: argparse._SubParsersAction) -> None:
                    "(default: RUNS/report)")
     p.add_argument("--no-eval", action="store_true",
                    help="skip evaluating surviving tickets (needs the data and a forward pass)")
+    p.add_argument("--trust-model", action="store_true", help="rebuild a python: model "
+                   "reference a run names (imports and runs that code)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("scorers", help="list the installed scoring rules, one line each")
@@ -238,6 +250,8 @@ def _result_parsers(sub: argparse._SubParsersAction) -> None:
                    "(default data.root: $SLT_DATA when set, else the run's)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="device (default: the run's)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
+    p.add_argument("--trust-model", action="store_true", help="rebuild a python: model "
+                   "reference the ticket names (imports and runs that code)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a ticket as a plain PyTorch file: state_dict, "
@@ -249,6 +263,8 @@ def _result_parsers(sub: argparse._SubParsersAction) -> None:
                    "file other than the ticket, replaced atomically (a symlink: its target)")
     p.add_argument("--sparse", action="store_true",
                    help="store mostly-pruned weights as CSR tensors (state_dict and prune)")
+    p.add_argument("--trust-model", action="store_true", help="rebuild a python: model "
+                   "reference the ticket names (imports and runs that code)")
     p.set_defaults(func=cmd_export)
 
 

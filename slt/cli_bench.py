@@ -53,7 +53,9 @@ def bench_parser(sub: argparse._SubParsersAction) -> None:
     b = bsub.add_parser("search", help="training throughput of a search step against dense "
                         "training of the same architecture, per speed mode")
     b.add_argument("--model", nargs="+", default=["conv4", "resnet18"],
-                   help="models from slt's registry (e.g. mlp, conv4, resnet18)")
+                   help="models from slt's registry (e.g. mlp, conv4, resnet18) or references "
+                   "with their factory's arguments after commas (torchvision:resnet18, "
+                   "timm:vit_tiny_patch16_224,img_size=32,patch_size=4)")
     b.add_argument("--input", nargs="+", default=["32"],
                    help="input size: S for 3xSxS images, SxC for C channels (e.g. 28x1)")
     b.add_argument("--batch", type=int, default=128, help="batch size (default: 128)")

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from slt import topk
 from slt.bench.topk import Timer
+from slt.config.checks import is_reference
 from slt.config.schema import Config
 from slt.config.toml import parse_override
 from slt.engine.loop import Search
@@ -40,6 +41,7 @@ from slt.engine.platform import Platform
 from slt.errors import ConfigError
 from slt.layers import MaskedConv2d, MaskedLinear
 from slt.models import build_model
+from slt.models.reference import build_reference
 from slt.network import build_network
 from slt.resolve import load
 from slt.scorers import EpochContext
@@ -120,7 +122,13 @@ def bench_config(model: str, mode: Mode, batch: int, keep: float, source_density
         key, _ = parse_override(item)
         if key in OWN_KEYS:
             raise ConfigError(f"--set {key}: the bench sets it from {OWN_KEYS[key]}")
-    own = [f"model.name={json.dumps(model)}", f"source.density={source_density!r}",
+    # NAME,KEY=VALUE,...: a reference with its factory's arguments
+    name, *arguments = model.split(",")
+    for item in arguments:
+        if "=" not in item:
+            raise ConfigError(f"--model {model}: expected NAME,KEY=VALUE,... after the name")
+    own = [f"model.name={json.dumps(name)}", *(f"model.kwargs.{a}" for a in arguments),
+           f"source.density={source_density!r}",
            f"search.keep={keep!r}", f"search.batch_size={batch}",
            f"run.device={json.dumps(device.split(':')[0])}",
            f"run.precision={json.dumps(mode.precision)}",
@@ -144,7 +152,10 @@ class _Shapes:
 
 def dense_model(cfg: Config, spec: DataSpec) -> nn.Module:
     """The run's architecture with plain, trainable Conv2d / Linear layers of the masked
-    layers' shapes (no bias, as the masked ones); everything else as the builder made it."""
+    layers' shapes (no bias, as the masked ones); everything else as the builder made it.
+    A model reference's is the factory's own module, every parameter trained."""
+    if is_reference(cfg.model.name):
+        return build_reference(cfg.model, spec)
     body = build_model(cfg.model, spec)
     for parent in list(body.modules()):
         for name, child in list(parent.named_children()):

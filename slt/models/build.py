@@ -9,7 +9,7 @@ from slt.config.checks import is_reference
 from slt.config.schema import ModelConfig
 from slt.errors import ConfigError, first_line
 from slt.models import conv, mlp, resnet, vgg  # noqa: F401  (they register their builders)
-from slt.models.convert import convert
+from slt.models.convert import check_searchable, convert
 from slt.models.reference import build_reference, check_reference
 from slt.models.registry import MODELS
 from slt.spec import DataSpec
@@ -24,6 +24,7 @@ def build_model(cfg: ModelConfig, spec: DataSpec, trusted: bool = True) -> nn.Mo
     if not is_reference(cfg.name):
         return MODELS.get(cfg.name)(cfg, spec)
     module = build_reference(cfg, spec, trusted)
+    check_searchable(module)
     if any(p.is_meta for p in module.parameters()):
         check_output(cfg.name, module, spec)
     return convert(module)

@@ -26,7 +26,7 @@ from torch import nn
 
 from slt.config.schema import ModelConfig
 from slt.errors import ConfigError
-from slt.layers import MaskedLayer, WeightSlot, masked_layers
+from slt.layers import MaskedLayer, WeightSlot
 from slt.seeding import generator
 
 SEARCHABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -71,10 +71,17 @@ def convert(module: nn.Module) -> nn.Module:
         if isinstance(owner, nn.MultiheadAttention):  # input projections run before out_proj
             first = [a for a in ATTENTION_WEIGHTS if a in owner._modules]
             owner._modules = {**{a: owner._modules[a] for a in first}, **owner._modules}
-    if not masked_layers(module):
+    check_searchable(module)
+    return module
+
+
+def check_searchable(module: nn.Module) -> None:
+    """ConfigError unless the module has a weight `convert` makes a searched layer."""
+    if not any(isinstance(owner, MaskedLayer) or any(_slot_place(owner, a)
+                                                     for a in owner._parameters)
+               for owner in module.modules()):
         raise ConfigError(f"the model ({type(module).__name__}) has no layer slt can search: "
                           "no nn.Linear, nn.Conv1d/2d/3d or nn.MultiheadAttention weight")
-    return module
 
 
 @dataclass(frozen=True)

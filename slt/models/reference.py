@@ -15,6 +15,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from slt.config.schema import ModelConfig
@@ -135,7 +136,8 @@ def build_reference(cfg: ModelConfig, spec: DataSpec, trusted: bool = True) -> n
     call = factory(cfg.name, trusted)
     kwargs = factory_arguments(cfg.name, dict(cfg.kwargs), spec, call)
     try:
-        module = call(**kwargs)
+        with torch.random.fork_rng(devices=[]):  # the library's init draws: not the caller's
+            module = call(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"model {cfg.name} rejects its arguments "
                           f"{_shown_kwargs(kwargs)}: {first_line(exc)}") from None

@@ -24,7 +24,7 @@ SWEEP_KEYS = ("base", "set", "axes", "launcher")
 def _flatten(table: dict[str, Any], origin: str) -> dict[str, Any]:
     """{"source": {"density": v}} (TOML dotted keys) -> {"source.density": v}; a scoring
     rule's table {"search": {"scorer": {"name": n, "lam": v}}} -> search.scorer = n and
-    search.scorer.lam = v."""
+    search.scorer.lam = v; a [model.kwargs] table -> model.kwargs.NAME = v."""
     flat: dict[str, Any] = {}
     for section, body in table.items():
         if not isinstance(body, dict):
@@ -36,6 +36,10 @@ def _flatten(table: dict[str, Any], origin: str) -> dict[str, Any]:
                 for option, v in value.items():
                     if option != "name":
                         flat[f"search.scorer.{option}"] = v
+                continue
+            if (section, key) == ("model", "kwargs") and isinstance(value, dict):
+                # a reference's factory arguments: one model.kwargs.NAME key each
+                flat.update({f"model.kwargs.{name}": v for name, v in value.items()})
                 continue
             dotted = f"{section}.{key}"
             check_key(dotted, origin)
