@@ -86,7 +86,8 @@ def factory(name: str, trusted: bool = True) -> Callable[..., Any]:
     if not trusted:
         raise ConfigError(f"model {name} is code named by the file, not a library model: "
                           "rebuilding it imports and runs that code; pass trust_model=True "
-                          "(slt eval/export --trust-model) if you trust where it came from")
+                          "(--trust-model of slt eval, export or report) if you trust where "
+                          "it came from")
     module_name, _, attr = target.rpartition(":")
     try:
         obj: Any = importlib.import_module(module_name)

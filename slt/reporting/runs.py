@@ -59,7 +59,7 @@ def raw_settings(cfg: Config) -> dict[str, Any]:
             if (section, key) in NOT_HASHED or (section, key) in (("search", "keep"),
                                                                   ("search", "ticket_density")):
                 continue
-            if section == "model" and (key in ("search_include", "search_exclude")
+            if section == "model" and (key in ("search_include", "search_exclude", "kwargs")
                                        and not value or key in REFERENCE_ONLY and not reference):
                 continue  # not set, or not settable for a built-in model: no column
             if (section, key) == ("model", "kwargs"):  # "img_size=32, patch_size=4"
