@@ -95,11 +95,10 @@ def test_tensorboard_logs_a_reference_model(tmp_path, images) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [["run.precision=bf16", "run.channels_last=true"],
-                                  ["run.precision=fp16"]])
-def test_speed_modes_resume_inside_an_epoch_to_the_same_ticket(tmp_path, images, mode):
-    cfg = resolve.load(None, tree_run(images, "model.name=torchvision:resnet18",
-                                      "search.epochs=2", "run.checkpoint_every=2", *mode))
+def test_speed_modes_resume_inside_an_epoch_to_the_same_ticket(tmp_path, images):
+    cfg = resolve.load(None, tree_run(images, TINY_VIT,
+                                      "search.epochs=2", "run.checkpoint_every=2",
+                                      "run.precision=bf16", "run.channels_last=true"))
     straight = run_search(cfg, tmp_path / "a", log=quiet)
     assert run_search(cfg, tmp_path / "b", stop_after_steps=1, log=quiet).status == "stopped"
     resumed = run_search(cfg, tmp_path / "b", log=quiet)
