@@ -22,9 +22,12 @@ from slt.fileio import atomic_write_bytes  # noqa: E402
 
 
 def _label(key: tuple) -> str:
+    """A group's label for a legend, wrapped (a model reference's arguments make it long)."""
+    import textwrap
+
     from slt.reporting.studies import label_of
 
-    return label_of(key)
+    return textwrap.fill(label_of(key), 48)
 
 
 class Plots:

@@ -62,9 +62,12 @@ def key_of(run: Run, keys: Iterable[str]) -> tuple:
 def label_of(key: tuple) -> str:
     short = {"search.ticket_density": "t", "search.keep": "keep", WIDTH: "width",
              SCHEME: "scheme", "search.scorer": "scorer", "model.name": "model",
-             "data.name": "data", "search.scope": "scope"}
+             "data.name": "data", "search.scope": "scope", "model.kwargs": "kwargs",
+             "model.bias": "bias", "model.norm": "norm"}
+    # a model key that one kind of model lacks (a built-in's kwargs): not part of its label
+    shown = [(k, v) for k, v in key if not (v is None and k.startswith("model."))]
     return ", ".join(f"{short.get(k, k)}={v:g}" if isinstance(v, float) else
-                     f"{short.get(k, k)}={v}" for k, v in key) or "all runs"
+                     f"{short.get(k, k)}={v}" for k, v in shown) or "all runs"
 
 
 @dataclass

@@ -242,7 +242,8 @@ def layer_profiles(study: Study) -> dict[tuple, dict[float, list[tuple[str, floa
         k = key_of(r, keys)
         if r.density >= 1.0 or r.config.model.width != narrowest[k]:
             continue
-        label = (*k, ("model", r.config.model.name), (WIDTH, r.config.model.width))
+        named = () if "model.name" in keys else (("model", r.config.model.name),)
+        label = (*k, *named, (WIDTH, r.config.model.width))
         out[label][r.density] = [
             (f"{row['name']} ({'×'.join(str(n) for n in row.get('shape', []))})",
              row["source_density"]) for row in r.summary["layers"]]
