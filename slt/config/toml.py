@@ -181,7 +181,7 @@ def describe() -> list[tuple[str, str, str]]:
     rows = []
     for section, cls in SECTIONS.items():
         for f in fields(cls):
-            if f.name in ("scorer_options", "kwargs"):
+            if f.name == "scorer_options":
                 continue  # set through the [search.scorer] table (see `slt scorers`)
             default = f.default if f.default is not dataclasses.MISSING else None
             rows.append((f"{section}.{f.name}", repr(default), f.metadata.get("help", "")))
