@@ -16,6 +16,7 @@ import torch
 
 import slt
 from slt import config, resolve
+from slt import export as export_mod
 from slt import ticket as ticket_io
 from slt.engine.run import run_search
 from slt.source import count_of
@@ -122,3 +123,40 @@ def test_a_search_killed_with_sigkill_resumes_to_the_same_ticket(model, images, 
     b = ticket_io.load(resumed.run_dir / "ticket.slt")
     assert all(torch.equal(x.mask, y.mask) for x, y in zip(a.layers, b.layers))
     assert resumed.summary["final_test_acc"] == straight.summary["final_test_acc"]
+
+
+def test_every_export_format_holds_the_librarys_module(searched, tmp_path) -> None:
+    model, tickets = searched
+    t = tickets[0.2]
+    module = t.to_module()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = module(x)
+    export_mod.export(t, tmp_path / "state.pt", "state_dict")
+    fresh = t.to_module()  # the same class; its parameters replaced by the file's
+    for p in fresh.parameters():
+        p.data.zero_()
+    fresh.load_state_dict(export_mod.load_state_dict(tmp_path / "state.pt"))
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), expected)
+    export_mod.export(t, tmp_path / "prune.pt", "prune", sparse=True)
+    pruned = export_mod.load_state_dict(tmp_path / "prune.pt")
+    name = t.layers[1].name
+    assert torch.equal(pruned[f"{name}_mask"].bool(), t.layers[1].mask)
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    export_mod.export(t, tmp_path / "m.onnx", "onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    (logits,) = session.run(None, {"input": x.numpy()})
+    assert torch.allclose(torch.from_numpy(logits), expected, atol=1e-4)
+
+
+def test_config_show_names_the_reference(capsys) -> None:
+    from slt.cli import main
+
+    assert main(["config", "show", "--set", "data.name=cifar10", "--set",
+                 "model.name=timm:vit_tiny_patch16_224", "--set",
+                 "model.kwargs.img_size=32"]) == 0
+    out = capsys.readouterr().out
+    assert f"# model: reference timm:vit_tiny_patch16_224 (timm {timm.__version__})" in out
+    assert "kwargs = { img_size = 32 }" in out
