@@ -264,8 +264,9 @@ def sweep(sweep_file: PathLike, *, out: PathLike = "runs", workers: int = 1,
     if report:
         from slt.reporting.write import write_report
 
-        # the sweep's own models: it has just imported them to search
-        log(f"report: {write_report(out, log=log, trust_model=True)}")
+        # only the sweep's own models: its folder may hold others' runs
+        own = frozenset(p.config.model.name for p in outcome.points if p.config)
+        log(f"report: {write_report(out, log=log, trust_model=own)}")
     return outcome
 
 

@@ -126,10 +126,10 @@ def _hint(cfg: Config, count: WeightCount | None = None, have: int | None = None
     return hint
 
 
-def _count(cfg: Config, spec: DataSpec) -> WeightCount:
+def _count(cfg: Config, spec: DataSpec, max_parameters: int | None = None) -> WeightCount:
     """count_weights, with a size past torch's 64-bit limits as a ConfigError."""
     try:
-        return count_weights(cfg, spec)
+        return count_weights(cfg, spec, max_parameters)
     except (TypeError, RuntimeError, OverflowError) as exc:
         if "overflow" not in str(exc).lower():
             raise
@@ -163,14 +163,16 @@ def stored_in_ticket(name: str, value: torch.Tensor) -> bool:
                                               and value.dim() == 0))
 
 
-def network_layout(cfg: Config, spec: DataSpec) -> NetworkLayout:
+def network_layout(cfg: Config, spec: DataSpec, max_parameters: int | None = None
+                   ) -> NetworkLayout:
     """The layout of the network `build_network(cfg, spec)` builds, laid out on the meta
     device: what a file claiming to hold that network must match before anything is
     allocated for it (a ticket's header is checked against it). ConfigError for a config
-    whose network cannot be laid out (an unknown model, a size past torch's limits)."""
-    count = _count(cfg, spec)
+    whose network cannot be laid out (an unknown model, a size past torch's limits).
+    `max_parameters` bounds a model reference's build (what a file describes)."""
+    count = _count(cfg, spec, max_parameters)
     with torch.device("meta"):
-        body = build_model(cfg.model, spec)
+        body = build_model(cfg.model, spec, max_parameters=max_parameters)
     layers = masked_layers(body)
     if len(layers) != len(count.layers):  # the same model laid out twice: never differs
         raise ConfigError(f"model {cfg.model.name} builds a different network on each call")

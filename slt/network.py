@@ -50,8 +50,10 @@ class SltNetwork(nn.Module):
         self._searched_layers = [layer for layer in self._all_layers if layer.searched]
         # a model reference's weights, put back where its own forward reads them
         self._slots = [layer for layer in self._all_layers if isinstance(layer, WeightSlot)]
-        # dropout and the like draw from torch's global generator: the loop seeds it per step
-        self.stochastic = any(_draws_randomly(m) for m in body.modules())
+        # dropout and the like draw from torch's global generator: the loop seeds it per
+        # step. A user's model may draw anywhere (stochastic depth, attention dropout), so
+        # it always is; a built-in only when it holds a dropout layer.
+        self.stochastic = bool(self._slots) or any(_draws_randomly(m) for m in body.modules())
 
     @property
     def all_layers(self) -> list[MaskedLayer]:
@@ -122,10 +124,8 @@ class SltNetwork(nn.Module):
 
 
 def _draws_randomly(module: nn.Module) -> bool:
-    """Dropout (any kind) or stochastic depth with a non-zero rate."""
-    rate = getattr(module, "p", None) if isinstance(
-        module, nn.modules.dropout._DropoutNd) else getattr(module, "drop_prob", None)
-    return isinstance(rate, (int, float)) and rate > 0
+    """A dropout layer with a non-zero rate."""
+    return isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
 
 
 def _budget(cfg: Config, source: list[int], sizes: list[int]) -> tuple[Budget, float]:
@@ -254,16 +254,18 @@ class WeightCount:
         return sum(s for _, _, s in self.layers)
 
 
-def count_weights(cfg: Config, spec: DataSpec) -> WeightCount:
+def count_weights(cfg: Config, spec: DataSpec, max_parameters: int | None = None
+                  ) -> WeightCount:
     """Prunable weights and source edges of every layer `build_network` would build.
 
     The model is laid out on the meta device (shapes only, no storage), so this is exact
     and costs nothing even at a width that could never be allocated. Per-layer source
     counts come from the same `source_counts` as the build; past 2^53 weights, where float
     rounding makes exact counts meaningless, each searched layer is counted at the density.
+    `max_parameters` bounds a model reference's build (a file's arguments).
     """
     with torch.device("meta"):
-        body = build_model(cfg.model, spec)
+        body = build_model(cfg.model, spec, max_parameters=max_parameters)
     names = {id(m): n for n, m in body.named_modules()}
     layers = masked_layers(body)
     searched = searched_flags(cfg.model, [names[id(layer)] for layer in layers])

@@ -188,8 +188,12 @@ class HeaderChecker:
             return cfg, data_spec, None
         if cfg.source.scheme not in (*SCHEMES, "custom"):
             return cfg, data_spec, None
+        # a model reference's build is bounded by what the file describes: its arguments
+        # cannot ask for a model far larger than the layers and buffers it lists
+        rows = [r for key in ("layers", "buffers") if isinstance(header[key], list)
+                for r in header[key]]
         try:
-            layout = network_layout(cfg, data_spec)
+            layout = network_layout(cfg, data_spec, max_parameters=4 * len(rows) + 64)
         except SltError as exc:
             raise self.fail("config", first_line(exc)) from None
         except (RuntimeError, ValueError, TypeError, OverflowError) as exc:

@@ -109,3 +109,26 @@ def no_num_classes() -> nn.Module:
 
 
 NOT_CALLABLE = 3
+
+
+class Stochastic(nn.Module):
+    """Randomness that is no dropout layer: attention dropout (a float inside
+    nn.MultiheadAttention) and torchvision's stochastic depth."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        from torchvision.ops import StochasticDepth
+
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 8, stride=8)
+        self.attn = nn.MultiheadAttention(16, 2, dropout=0.3, batch_first=True)
+        self.depth = StochasticDepth(0.5, "row")
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = tokens + self.depth(self.attn(tokens, tokens, tokens, need_weights=False)[0])
+        return self.head(tokens.mean(1))
+
+
+def stochastic(num_classes: int = 10) -> nn.Module:
+    return Stochastic(num_classes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,14 @@ def test_a_reference_ticket_whose_layers_differ_from_the_model_is_refused(
     with pytest.raises(TicketError, match="malformed ticket field config: model "
                                           "torchvision:resnet18 fails on the data's input"):
         ticket.load(crafted)
+
+
+def test_a_reference_asking_for_a_huge_model_stops_at_what_the_file_describes(
+        source_ticket, tmp_path) -> None:
+    crafted = craft(source_ticket, tmp_path / "t.slt", named(
+        {"name": "timm:vit_tiny_patch16_224", "kwargs": {"depth": 10 ** 6}}))
+    start = time.perf_counter()
+    with pytest.raises(TicketError, match=r"builds more than \d+ parameters, far more than "
+                                          "the file describes"):
+        ticket.load(crafted)
+    assert time.perf_counter() - start < 30

@@ -126,7 +126,8 @@ def test_without_timm_a_timm_reference_names_the_extra(monkeypatch) -> None:
     ("raises", [], "failed to build with (num_classes=10) (ValueError: this factory always"),
     ("tiny_transformer", ["model.kwargs.width=3"], "rejects its arguments"),
     ("only_parameters", [], "has no layer slt can search"),
-    ("three_outputs", [], "gives (2, 3) for a batch of 2 inputs, not logits of shape (2, 10)"),
+    ("three_outputs", [], "gives (2, 3) in training for a batch of 2 inputs, not logits of "
+                          "shape (2, 10)"),
     ("tiny_transformer", ["model.kwargs.pretrained=true"], "model.kwargs.pretrained: slt draws"),
 ])
 def test_factories_that_go_wrong_are_one_line(name, kwargs, message) -> None:
@@ -134,6 +135,25 @@ def test_factories_that_go_wrong_are_one_line(name, kwargs, message) -> None:
     with pytest.raises(ConfigError) as err:
         slt.capacity.network_layout(cfg, CIFAR)  # the meta layout every run makes first
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_output_is_checked_in_training_too() -> None:
+    cfg = cfg_of("model.name=torchvision:googlenet",  # auxiliary logits while training
+                 "model.kwargs.init_weights=false")
+    with pytest.raises(ConfigError, match=r"gives GoogLeNetOutputs in training for a batch"):
+        slt.capacity.network_layout(cfg, CIFAR)
+
+
+def test_torchvision_builders_load_no_backbone(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    cfg = cfg_of("model.name=torchvision:fasterrcnn_mobilenet_v3_large_320_fpn")
+    with pytest.raises(ConfigError) as err:  # a detector gives no logits; nothing fetched
+        slt.capacity.network_layout(cfg, CIFAR)
+    assert "failed to build" not in str(err.value) and not (tmp_path / "hub").exists()
+    with pytest.raises(ConfigError, match="model.kwargs.pretrained_backbone: slt draws"):
+        slt.capacity.network_layout(cfg_of(
+            "model.name=torchvision:fasterrcnn_mobilenet_v3_large_320_fpn",
+            "model.kwargs.pretrained_backbone=true"), CIFAR)
 
 
 def test_a_model_that_cannot_take_the_input_is_one_line() -> None:
@@ -314,6 +334,8 @@ def test_a_python_reference_runs_and_its_ticket_needs_trust(tmp_path, capsys) ->
     assert "--trust-model" in capsys.readouterr().err
     same = slt.evaluate(t, trust_model=True)
     assert same.same_as_recorded
+    again = run_search(cfg, tmp_path / "runs", embed_weights=True, log=quiet)  # the user's own
+    assert again.status == "skipped" and ticket_io.load(path).header["embedded_weights"]
     module = t.to_module(trust_model=True)
     assert type(module) is model_factories.TinyTransformer
     assert main(["export", str(path), "--out", str(tmp_path / "m.pt"), "--trust-model"]) == 0
@@ -354,11 +376,12 @@ def test_the_api_takes_an_importable_factory(tmp_path) -> None:
             slt.search(None, out=tmp_path / "runs", model=bad, log=None)
 
 
-def test_dropout_is_seeded_per_step_so_a_resume_is_exact(tmp_path) -> None:
+@pytest.mark.parametrize("model", [["tiny_transformer", "model.kwargs.dropout=0.3"],
+                                   ["stochastic"]])
+def test_dropout_is_seeded_per_step_so_a_resume_is_exact(tmp_path, model) -> None:
     root = image_tree(tmp_path / "data", per_class=8)
-    cfg = resolve.load(None, tree_run(root, f"model.name={FACTORIES}:tiny_transformer",
-                                      "model.kwargs.dropout=0.3", "search.epochs=2",
-                                      "run.checkpoint_every=1"))
+    cfg = resolve.load(None, tree_run(root, f"model.name={FACTORIES}:{model[0]}", *model[1:],
+                                      "search.epochs=2", "run.checkpoint_every=1"))
     straight = run_search(cfg, tmp_path / "a", log=quiet)
     stopped = run_search(cfg, tmp_path / "b", stop_after_steps=2, log=quiet)
     assert stopped.status == "stopped"

@@ -12,6 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from slt.config.checks import is_reference
 from slt.config.schema import SECTIONS, Config, dense_source
 
 # Keys that say where or how a run executes, not what it computes: left out of the run id.
@@ -115,7 +116,9 @@ def _run_name(cfg: Config, digest: str) -> str:
         size = f"custom-k{cfg.keep:.4g}"
     else:
         size = f"d{cfg.source.density:g}-t{cfg.ticket_density:.4g}"
-    model = re.sub(r"[^A-Za-z0-9_.]+", "_", cfg.model.name)  # a reference's ':' is no path
+    model = cfg.model.name
+    if is_reference(model):  # a reference's ':' does not belong in a folder's name
+        model = re.sub(r"[^A-Za-z0-9_.]+", "_", model)
     return f"{cfg.data.name}-{model}-{size}-{digest}"
 
 

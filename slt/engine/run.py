@@ -228,7 +228,8 @@ def _finished_already(run_dir: Path, summary: dict[str, Any], embed_weights: boo
             if not locked:  # rewriting the ticket is a write: one writer at a time
                 lock.acquire(wait=True, on_wait=lambda holder: log(
                     f"{run_dir.name} is being written by {holder}: waiting for it"))
-            ticket_io.embed_weights(run_dir / TICKET)
+            # the caller's own config names this run's model: its python: code is trusted
+            ticket_io.embed_weights(run_dir / TICKET, trust_model=True)
         log(f"weights embedded in {run_dir / TICKET}")
     return SearchResult(run_dir, "skipped", summary)
 

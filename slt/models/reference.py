@@ -12,19 +12,22 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from slt.config.schema import ModelConfig
-from slt.errors import ConfigError, did_you_mean, first_line
+from slt.errors import ConfigError, SltError, did_you_mean, first_line
 from slt.spec import DataSpec
 
 # Arguments that would load weights slt then throws away (or read files named by a ticket).
-REFUSED_KWARGS = ("pretrained", "weights", "weights_backbone", "checkpoint_path",
-                  "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict")
+REFUSED_KWARGS = ("pretrained", "weights", "weights_backbone", "pretrained_backbone",
+                  "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay",
+                  "pretrained_strict")
 TIMM_MISSING = ("timm: references need the timm extra: pip install timm "
                 "(or pip install '.[timm]' in slt's checkout)")
 
@@ -118,6 +121,11 @@ def factory_arguments(name: str, model_kwargs: dict[str, Any], spec: DataSpec,
     for key, value in filled.items():
         if key not in kwargs and _accepts(call, key, name):
             kwargs[key] = value
+    if name.startswith("torchvision:"):  # some builders load a backbone unless told not to
+        from torchvision.models import get_model_builder
+
+        params = inspect.signature(get_model_builder(name.partition(":")[2])).parameters
+        kwargs.update({key: None for key in ("weights", "weights_backbone") if key in params})
     return kwargs
 
 
@@ -131,14 +139,19 @@ def _accepts(call: Callable[..., Any], key: str, name: str) -> bool:
     return any(p.name == key or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def build_reference(cfg: ModelConfig, spec: DataSpec, trusted: bool = True) -> nn.Module:
+def build_reference(cfg: ModelConfig, spec: DataSpec, trusted: bool = True,
+                    max_parameters: int | None = None) -> nn.Module:
     """The module a reference's factory returns for `spec` (on the current default device,
-    so the meta device lays it out without storage)."""
+    so the meta device lays it out without storage). `max_parameters`: stop the build
+    once it registers more parameters than that (a file's arguments asking for a model far
+    larger than the file describes: depth = 10**6 would take hours even on meta)."""
     call = factory(cfg.name, trusted)
     kwargs = factory_arguments(cfg.name, dict(cfg.kwargs), spec, call)
     try:
-        with torch.random.fork_rng(devices=[]):  # the library's init draws: not the caller's
-            module = call(**kwargs)
+        with torch.random.fork_rng(devices=[]), _parameter_limit(cfg.name, max_parameters):
+            module = call(**kwargs)  # the library's init draws, not from the caller's
+    except SltError:
+        raise
     except TypeError as exc:
         raise ConfigError(f"model {cfg.name} rejects its arguments "
                           f"{_shown_kwargs(kwargs)}: {first_line(exc)}") from None
@@ -149,6 +162,28 @@ def build_reference(cfg: ModelConfig, spec: DataSpec, trusted: bool = True) -> n
         raise ConfigError(f"model {cfg.name} returned a {type(module).__name__}, "
                           "not a torch.nn.Module")
     return module
+
+
+@contextmanager
+def _parameter_limit(name: str, limit: int | None) -> Iterator[None]:
+    """Raise a ConfigError inside the factory once it has registered `limit` parameters."""
+    if limit is None:
+        yield
+        return
+    count = 0
+
+    def counted(module: nn.Module, attr: str, param: Any) -> None:
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise ConfigError(f"model {name} builds more than {limit} parameters, far more "
+                              "than the file describes")
+
+    handle = register_module_parameter_registration_hook(counted)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _shown_kwargs(kwargs: dict[str, Any]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +67,11 @@ def report_folder(out: str | os.PathLike[str], run_dirs: list[Path]) -> Path:
 
 def write_report(runs_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
                  evaluate_survival: bool = True, log: Callable[[str], None] = print,
-                 trust_model: bool = False) -> Path:
+                 trust_model: bool | Collection[str] = False) -> Path:
     """Write report.md, results.csv and plots; returns the report.md path. The folder and
     every file in it are checked before anything is written (`report_folder`).
-    `trust_model`: rebuild python: model references to evaluate surviving tickets."""
+    `trust_model`: rebuild python: model references to evaluate surviving tickets (all of
+    them, or those whose model.name is in the collection: a sweep's own)."""
     runs, unreadable = load_runs(runs_dir)
     out_dir = report_folder(Path(runs_dir) / "report" if out is None else out,
                             [r.path for r in (*runs, *unreadable)])

@@ -35,18 +35,20 @@ def launch_and_follow(sweep: Sweep, out: str, launcher: str, overrides: dict[str
     if not wait:
         say(f"follow them with: slt sweep status {out}")
         return 0
-    return follow(out, poll=poll, progress=progress, report=report, say=say)
+    own = frozenset(p.config.model.name for p in sweep.points(overrides) if p.config)
+    return follow(out, poll=poll, progress=progress, report=report, say=say, trusted=own)
 
 
 def follow(out: str | Path, *, poll: float, progress: bool, report: bool,
-           say: Callable[[str], None] = print) -> int:
-    """Poll a launched sweep until every point settles, then print its status and report."""
+           say: Callable[[str], None] = print, trusted: frozenset[str] = frozenset()) -> int:
+    """Poll a launched sweep until every point settles, then print its status and report
+    (rebuilding, for survival, the python: models of `trusted`: the sweep's own)."""
     states = wait_until_settled(out, poll, progress)
     say(format_status(states))
     if report:
         from slt.reporting.write import write_report
 
-        say(f"report: {write_report(out, trust_model=True)}")  # the sweep's own models
+        say(f"report: {write_report(out, trust_model=trusted)}")
     return 1 if any(s.state in FAILED_STATES for s in states) else 0
 
 
