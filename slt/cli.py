@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from slt import __version__
 from slt.cli_bench import bench_parser
+from slt.cli_doctor import doctor_parser
 from slt.cli_layers import layers_parser
 from slt.errors import SltError, storage_error
 
@@ -290,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="slt", description="Strong-lottery-ticket search inside random sparse sources.")
     parser.add_argument("--version", action="version", version=f"slt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_run_parsers, _result_parsers, _config_parser, bench_parser, layers_parser):
+    for add in (_run_parsers, _result_parsers, _config_parser, bench_parser, layers_parser,
+                doctor_parser):
         add(sub)
     return parser
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -30,3 +31,14 @@ TINY = [
 def tiny_overrides() -> list[str]:
     """Overrides of a run that takes well under a second on a CPU."""
     return list(TINY)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` run where torch sees a CUDA device and skip, saying so, elsewhere
+    (`pytest -m cuda` selects exactly them: the GPU proof runs that)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

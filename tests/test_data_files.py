@@ -263,7 +263,7 @@ def test_augmented_epoch_applies_one_of_the_crops_and_flips() -> None:
     assert torch.equal(test_x, batches.normalise(x))  # the test split is never augmented
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cpu_and_cuda_see_the_same_epoch() -> None:
     x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
     s = Splits(x, torch.arange(40), x, torch.arange(40), DataSpec((3, 32, 32), 40),

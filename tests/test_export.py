@@ -114,7 +114,7 @@ def test_module_is_plain_torch(tmp_path, model) -> None:
     assert all(m.bias is None for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_module_on_cuda_matches_within_float32_rounding(tmp_path) -> None:
     t = make_ticket(tmp_path, "resnet20")
     x = inputs().cuda()

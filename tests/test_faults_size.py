@@ -113,7 +113,7 @@ def test_physical_memory_is_this_machines() -> None:
     assert ram is not None and 0 < ram <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_absurd_width_is_refused_on_cuda() -> None:
     with pytest.raises(ConfigError, match="this GPU \\(cuda\\) has .* free\\): lower model.width"):
         check_fits(cfg_of("model.width=100000"), MNIST, torch.device("cuda"))

@@ -13,7 +13,7 @@ from slt.topk import kernel as cuda_topk
 from slt.topk.op import segmented_topk_mask
 from slt.topk.torch_path import torch_segmented as _torch_segmented
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.cuda
 
 
 def offsets_of(sizes: list[int]) -> list[int]:

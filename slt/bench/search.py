@@ -23,7 +23,8 @@ import os
 import re
 import statistics
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,10 +222,13 @@ def interleaved(calls: dict[str, Callable[[], object]], steps: int, warmup: int,
     return times
 
 
-def bench_one(model: str, shape: tuple[int, ...], mode: Mode, batch: int, keep: float,
-              source_density: float, device: str, steps: int, warmup: int, block: int,
-              overrides: list[str]) -> dict:
-    """One row: the search step and the dense step of one model and mode, interleaved."""
+@contextmanager
+def search_stepper(model: str, shape: tuple[int, ...], mode: Mode, batch: int, keep: float,
+                   source_density: float, device: str, overrides: list[str]
+                   ) -> Iterator[tuple[Callable[[], object], Config, nn.Module, Tensor, Tensor]]:
+    """(one search step on a fixed random batch, its config, its network, the batch), the
+    step exactly as the search loop makes it; the kernel's non-finite flag is read when the
+    block ends."""
     cfg = bench_config(model, mode, batch, keep, source_density, device, overrides)
     dev = torch.device(device)
     spec = DataSpec(shape, NUM_CLASSES)
@@ -232,8 +236,6 @@ def bench_one(model: str, shape: tuple[int, ...], mode: Mode, batch: int, keep: 
     x = torch.randn(batch, *shape, generator=g).to(dev)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(dev)
     net = build_network(cfg, spec).to(dev)
-    torch.manual_seed(0)  # the dense layers' default init
-    dense = DenseStep(cfg, spec, dev)
     with tempfile.TemporaryDirectory(prefix="slt-bench-") as run_dir:
         search = Search(cfg, Path(run_dir), _Shapes(spec), net, Platform.local(dev),
                         lambda _: None)
@@ -241,10 +243,20 @@ def bench_one(model: str, shape: tuple[int, ...], mode: Mode, batch: int, keep: 
                                                net.searched_layers, net.budget))
         net.train()
         with topk.deferred_checks():  # as the search loop runs it: no flag read per step
-            times = interleaved({"search": lambda: search.step(x, y, batch),
-                                 "dense": lambda: dense.step(x, y)},
-                                steps, warmup, block, Timer(device))
+            yield (lambda: search.step(x, y, batch)), cfg, net, x, y
             topk.check_deferred()
+
+
+def bench_one(model: str, shape: tuple[int, ...], mode: Mode, batch: int, keep: float,
+              source_density: float, device: str, steps: int, warmup: int, block: int,
+              overrides: list[str]) -> dict:
+    """One row: the search step and the dense step of one model and mode, interleaved."""
+    with search_stepper(model, shape, mode, batch, keep, source_density, device,
+                        overrides) as (step, cfg, net, x, y):
+        torch.manual_seed(0)  # the dense layers' default init
+        dense = DenseStep(cfg, DataSpec(shape, NUM_CLASSES), torch.device(device))
+        times = interleaved({"search": step, "dense": lambda: dense.step(x, y)},
+                            steps, warmup, block, Timer(device))
     search_s = statistics.median(times["search"])
     dense_s = statistics.median(times["dense"])
     dens = net.densities()
