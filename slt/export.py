@@ -188,12 +188,18 @@ def onnx_bytes(ticket: Ticket, sparse: bool) -> bytes:
     module = to_module(ticket)
     example = torch.zeros(2, *ticket.header["spec"]["shape"])
     buf = io.BytesIO()
+    names: dict[str, Any] = {"input_names": ["input"], "output_names": ["logits"],
+                             "verbose": False}
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")  # the exporter's progress notes: not ours to print
-            torch.onnx.export(module, (example,), buf, input_names=["input"],
-                              output_names=["logits"], verbose=False,
-                              dynamic_shapes=({0: torch.export.Dim("batch")},))
+            if torch.__version__ >= (2, 9):  # the dynamo exporter, torch's default since 2.9
+                torch.onnx.export(module, (example,), buf, dynamo=True,
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
+            else:  # before 2.9 it fails on BatchNorm or wants a path: TorchScript's exporter
+                torch.onnx.export(module, (example,), buf, opset_version=17,
+                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                                  **names)
     except Exception as exc:  # the exporter's failures are many and long: one line
         raise ExportError(f"ONNX export failed: {first_line(exc)}") from None
     return buf.getvalue()

@@ -11,6 +11,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def no_data_root_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """$SLT_DATA set in the shell would move every test's default data root; tests that
+    mean it set it themselves, and real data comes from the `shared_data` fixture."""
+    monkeypatch.delenv("SLT_DATA", raising=False)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """../shared/data beside the repository; tests that need it skip when it is absent."""

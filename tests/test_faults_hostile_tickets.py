@@ -4,6 +4,7 @@ the API and from `slt eval`, `slt export` and `slt report`, under a memory cap."
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import resource
@@ -25,7 +26,7 @@ from slt.errors import TicketError
 from slt.rundir import MAGIC
 from tests.conftest import REPO, TINY
 
-MEM_CAP = 4 * 2 ** 30  # torch itself needs ~3.5 GiB of address space; the bomb wanted 7.9 GB
+BOMB_BYTES = 7.9e9  # what the 50,000 x 50,000 layer below would make slt allocate
 START = len(MAGIC) + 8
 
 
@@ -276,13 +277,28 @@ def test_a_ticket_edge_outside_its_source_is_malformed(tickets, tmp_path) -> Non
 # --- the command line, under a memory cap --------------------------------------------------
 
 
-def cap_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEM_CAP, MEM_CAP))
+@functools.cache
+def mem_cap() -> int:
+    """Address space for the capped commands: what importing slt with torch and torchvision
+    maps here (3.0 to 4.4 GiB, by torch build), plus 1 GiB to work in; well below the bomb."""
+    probe = subprocess.run([sys.executable, "-c", (
+        "import pathlib, slt.api, slt.cli, slt.export, slt.ticket, torchvision\n"
+        "for line in pathlib.Path('/proc/self/status').read_text().splitlines():\n"
+        "    if line.startswith('VmSize:'): print(int(line.split()[1]) * 1024)")],
+        capture_output=True, text=True, check=True, cwd=REPO)
+    cap = int(probe.stdout.split()[-1]) + 2**30
+    assert cap < BOMB_BYTES - 2**30, f"importing slt takes {cap} bytes: a cap proves nothing"
+    return cap
+
+
+def cap_memory(cap: int) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
 
 def slt_capped(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    cap = functools.partial(cap_memory, mem_cap())  # measured here: the child only sets it
     return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, text=True,
-                          capture_output=True, preexec_fn=cap_memory, timeout=120)
+                          capture_output=True, preexec_fn=cap, timeout=120)
 
 
 def assert_one_error(proc: subprocess.CompletedProcess[str], path: Path, words: str) -> None:

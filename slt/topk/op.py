@@ -77,7 +77,9 @@ def check_deferred(gate: KernelGate | None = None) -> None:
                                   "(flagged on the GPU by the top-k kernel)")
 
 
-@torch.library.custom_op("slt::segmented_topk_mask", mutates_args=())
+# The schema is written out: torch before 2.7 cannot infer one from `list[int]` annotations.
+@torch.library.custom_op("slt::segmented_topk_mask", mutates_args=(),
+                         schema="(Tensor values, int[] offsets, int[] ks) -> Tensor")
 def _segmented_op(values: Tensor, offsets: list[int], ks: list[int]) -> Tensor:
     if values.is_cuda and values.dtype in KERNEL_DTYPES and values.numel():
         from slt.topk import kernel
