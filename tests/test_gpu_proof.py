@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -106,11 +107,16 @@ def load_script():
 def test_a_step_past_its_limit_is_stopped_gracefully_then_killed(tmp_path) -> None:
     script = load_script()
     p = script.Proof(budget=60, out=tmp_path, python=sys.executable, cuda=True)
+    p.grace = 2.0
     trap = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); "
             "print('ready', flush=True); time.sleep(60)")
-    step = p.run("graceful", [sys.executable, "-c", trap], cap=3, need=1, graceful=True)
+    step = p.run("graceful", [sys.executable, "-c", trap], cap=3, need=1, stop=signal.SIGTERM)
     assert (step.status, step.returncode) == ("stopped", 143)  # SIGTERM, handled
-    deaf = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    deaf = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(60)")
+    step = p.run("deaf", [sys.executable, "-c", deaf], cap=3, need=1, stop=signal.SIGTERM)
+    assert (step.status, step.returncode) == ("stopped", -9)  # ignored: SIGKILL after grace
+    assert 4.5 < step.seconds < 15
     step = p.run("killed", [sys.executable, "-c", deaf], cap=2, need=1)
     assert (step.status, step.returncode) == ("stopped", -9)
     step = p.run("too late", [sys.executable, "-c", "pass"], cap=100, need=200)

@@ -1,30 +1,21 @@
-"""Installing slt into an environment that already holds a supported torch keeps that torch.
+"""slt on the oldest torch it supports, installed as a researcher would: beside that torch.
 
 Researchers install slt beside the torch build that matches their CUDA driver. slt declares
-ranges (pyproject.toml), not pins, so pip must leave that torch (and its torchvision) alone.
-This test makes a fresh virtual environment, installs there the oldest torch the range admits
-(`torch>=X.Y` in pyproject.toml) with its torchvision, then `pip install <copy of this
-repository>[plot,slurm,tb]` with the default resolver and no constraints file, and checks that
-pip downloaded, replaced and upgraded neither, and that the installed slt imports and runs a
-one-epoch search of the packaged `quick.toml` (synthetic data) on that torch.
+ranges (pyproject.toml), not pins, so pip must leave that torch (and its torchvision) alone,
+and the range's lower bound must be a torch slt really runs on. This test makes a fresh
+virtual environment, installs there exactly the pair of .ci/lowest.txt (PyPI's builds: CUDA
+builds of several GB, which run on the CPU), then `pip install <copy of this
+repository>[plot,slurm,tb,onnx]` with the default resolver and no constraints file; checks that
+pip downloaded, replaced and upgraded neither; and runs the installed slt there: a search of
+the packaged `quick.toml` (synthetic data), `slt eval` of its ticket, every export format
+(state_dict, sparse, prune, ONNX), `slt layers` of a torchvision model and `slt doctor`.
 
-The old torch is a CPU build of it found in pip's `find-links` folders (this machine kind keeps
-`torch-2.13.0+cpu` there); PyPI's builds of it are CUDA builds of several GB, so without a
-local file the test skips rather than download them. `SLT_TEST_TORCH_WHEEL` names another
-wheel file to use. torchvision is installed but never imported: PyPI's torchvision is built for
-the CUDA torch and does not load beside a CPU build ("operator torchvision::nms does not
-exist"), which says nothing about slt. slt imports torchvision only for real datasets, so the
-synthetic search below does not need it.
-
-It needs the package registry (torchvision, tqdm and the extras come from it) and skips with
-the reason when pip cannot reach it.
+It needs the package registry and skips with the reason when pip cannot reach it.
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -71,30 +62,16 @@ def _declared_lower_bound(name: str) -> tuple[int, int]:
     raise AssertionError(f"pyproject.toml declares no `{name}>=X.Y` range: {deps}")
 
 
-def _find_links() -> list[Path]:
-    """The local folders pip is configured to look in (environment and pip config files)."""
-    found = os.environ.get("PIP_FIND_LINKS", "").split()
-    proc = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
-                          capture_output=True, text=True, check=False)
-    for line in proc.stdout.splitlines():
-        key, _, value = line.partition("=")
-        if key.endswith("find-links"):
-            found += value.strip("'\"").split()
-    return [Path(p.removeprefix("file://")) for p in found if Path(
-        p.removeprefix("file://")).is_dir()]
-
-
-def _old_torch_wheel(major: int, minor: int) -> Path | None:
-    """A local CPU wheel of torch major.minor for this interpreter and machine, if any."""
-    if os.environ.get("SLT_TEST_TORCH_WHEEL"):
-        return Path(os.environ["SLT_TEST_TORCH_WHEEL"])
-    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
-    for folder in _find_links():
-        hits = sorted(glob.glob(str(
-            folder / f"torch-{major}.{minor}.*+cpu-{tag}-{tag}-*{platform.machine()}.whl")))
-        if hits:
-            return Path(hits[-1])
-    return None
+def lowest_pair() -> dict[str, str]:
+    """{'torch': '2.4.1', 'torchvision': '0.19.1'}: the exact versions of .ci/lowest.txt."""
+    pins = {}
+    for line in (REPO / ".ci" / "lowest.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[name.strip()] = version.strip()
+    assert set(pins) == {"torch", "torchvision"}, pins
+    return pins
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -128,34 +105,40 @@ def _versions(python: Path, cwd: Path) -> dict[str, str]:
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="reads pyproject.toml with tomllib")
-def test_install_keeps_an_existing_supported_torch(tmp_path: Path) -> None:
-    major, minor = _declared_lower_bound("torch")
-    wheel = _old_torch_wheel(major, minor)
-    if wheel is None:
-        pytest.skip(f"no local CPU wheel of torch {major}.{minor} in pip's find-links "
-                    f"(PyPI's is a CUDA build of several GB); set SLT_TEST_TORCH_WHEEL")
+def test_the_declared_lower_bounds_are_the_tested_pair() -> None:
+    pins = lowest_pair()
+    for name in ("torch", "torchvision"):
+        major, minor = (int(n) for n in pins[name].split(".")[:2])
+        assert _declared_lower_bound(name) == (major, minor), (name, pins[name])
+
+
+def _slt(venv: Path, *args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    proc = _run([venv / "bin" / "slt", *args], cwd)
+    assert proc.returncode == 0, (args, proc.stdout[-2000:] + proc.stderr[-4000:])
+    return proc
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="reads pyproject.toml with tomllib")
+def test_slt_installs_and_runs_beside_the_oldest_supported_torch(tmp_path: Path) -> None:
+    pins = lowest_pair()
     import torch  # the torch this suite runs on: the test must pre-install another one
 
-    assert not torch.__version__.startswith(f"{major}.{minor}."), (
-        f"CI's torch {torch.__version__} is the range's lower bound: nothing to tell apart")
-
+    assert not torch.__version__.startswith(pins["torch"]), "CI's torch is the lower bound"
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv], tmp_path).check_returncode()
     python = venv / "bin" / "python"
 
-    # 1. the researcher's environment: an old torch with its own torchvision (torchvision
-    #    0.N is released with torch 2.(N-15): 0.28 with 2.13, and asks for exactly that torch).
-    assert major == 2, "update the torch -> torchvision pairing below"
-    _pip(python, "install", wheel, f"torchvision==0.{minor + 15}.*", cwd=tmp_path)
+    # 1. the researcher's environment: the old torch with its own torchvision
+    _pip(python, "install", "--no-cache-dir", *(f"{k}=={v}" for k, v in pins.items()),
+         cwd=tmp_path)
     before = _versions(python, tmp_path)
-    assert before["torch"].startswith(f"{major}.{minor}."), before
+    assert before["torch"].split("+")[0] == pins["torch"], before
 
-    # 2. slt with its extras, from a copy of this checkout, default deps, no constraints.
+    # 2. slt with its extras, from a copy of this checkout, default deps, no constraints
     src = tmp_path / "src"
     shutil.copytree(REPO, src, ignore=_NOT_COPIED)
-    out = _pip(python, "install", f"{src}[plot,slurm,tb]", cwd=tmp_path)
+    out = _pip(python, "install", "--no-cache-dir", f"{src}[plot,slurm,tb,onnx]", cwd=tmp_path)
     after = _versions(python, tmp_path)
-
     for name in ("torch", "torchvision"):
         assert after[name] == before[name], (
             f"pip replaced {name} {before[name]} by {after.get(name)}:\n{_tail(out)}")
@@ -164,26 +147,45 @@ def test_install_keeps_an_existing_supported_torch(tmp_path: Path) -> None:
     installed = re.search(r"^Successfully installed (.*)$", out, re.M)
     assert installed and "slt-" in installed.group(1), _tail(out)
     assert not re.search(r"\b(torch|torchvision|nvidia-[\w-]+|triton)-\d", installed.group(1))
-    for extra in ("matplotlib", "submitit", "tensorboard"):
+    for extra in ("matplotlib", "submitit", "tensorboard", "onnx", "onnxscript"):
         assert extra in after, f"extra {extra} not installed: {sorted(after)}"
     check = _run([python, "-m", "pip", "check", "--disable-pip-version-check"], tmp_path)
     assert check.returncode == 0, check.stdout + check.stderr  # every requirement still met
 
-    # 3. the installed slt (not this checkout) runs on that torch: import, one-epoch search.
-    probe = _run([python, "-c", "import slt, slt.cli, torch; print(slt.__file__); "
-                  "print(torch.__version__)"], tmp_path)
+    # 3. the installed slt (not this checkout) on that torch: search, eval, exports, doctor
+    probe = _run([python, "-c", "import slt, torch; print(slt.__file__, torch.__version__)"],
+                 tmp_path)
     assert probe.returncode == 0, probe.stderr
     slt_file, torch_version = probe.stdout.split()[-2:]
-    assert Path(slt_file).is_relative_to(venv), slt_file
-    assert torch_version == before["torch"], probe.stdout
-    search = _run([venv / "bin" / "slt", "search", "--config", "quick.toml",
-                   "--set", "search.epochs=1", "--set", "data.train_size=4096",
-                   "--set", "run.device=cpu", "--set", "run.progress=false",
-                   "--out", tmp_path / "runs"], tmp_path)
-    assert search.returncode == 0, search.stdout[-2000:] + search.stderr[-4000:]
+    assert Path(slt_file).is_relative_to(venv) and torch_version.split("+")[0] == pins["torch"]
+    search = _slt(venv, "search", "--config", "quick.toml", "--set", "search.epochs=2",
+                  "--set", "data.train_size=2048", "--set", "run.progress=false",
+                  "--out", tmp_path / "runs", cwd=tmp_path)
     assert "done: test acc" in search.stdout + search.stderr, search.stdout[-2000:]
-    assert list((tmp_path / "runs").glob("*/ticket.slt")), search.stdout[-2000:]
-    shutil.rmtree(venv, ignore_errors=True)  # 1.2 GB; pytest keeps the last 3 tmp folders
+    (ticket,) = (tmp_path / "runs").glob("*/ticket.slt")
+    evaluated = _slt(venv, "eval", ticket, cwd=tmp_path)
+    assert re.search(r"test accuracy \S+ .*\(run recorded \S+: same\)", evaluated.stdout), \
+        evaluated.stdout
+    for fmt, extra, name in (("state_dict", [], "t.pt"), ("state_dict", ["--sparse"], "s.pt"),
+                             ("prune", [], "p.pt"), ("onnx", [], "t.onnx")):
+        _slt(venv, "export", ticket, "--format", fmt, *extra, "--out", tmp_path / name,
+             cwd=tmp_path)
+        assert (tmp_path / name).stat().st_size > 10_000, name
+    # the exports load there: the state dict into the ticket's module, the ONNX graph checked
+    loads = _run([python, "-c", (
+        "import sys, onnx, torch, slt\n"
+        "t = slt.load_ticket(sys.argv[1]); m = t.to_module()\n"
+        "m.load_state_dict(torch.load(sys.argv[2], weights_only=True))\n"
+        "onnx.checker.check_model(onnx.load(sys.argv[3])); print('loaded')"),
+        ticket, tmp_path / "t.pt", tmp_path / "t.onnx"], tmp_path)
+    assert loads.returncode == 0 and "loaded" in loads.stdout, loads.stderr[-3000:]
+    layers = _slt(venv, "layers", "--set", "model.name=torchvision:resnet18", "--input",
+                  "3x32x32", "--classes", "10", cwd=tmp_path)
+    assert "conv1.weight" in layers.stdout and "fc.weight" in layers.stdout, layers.stdout
+    doctor = _slt(venv, "doctor", "--steps", "2", cwd=tmp_path)
+    assert f"torch {before['torch']}" in doctor.stdout and "torch path" in doctor.stdout
+    assert "ok: every check that applies passed" in doctor.stdout, doctor.stdout
+    shutil.rmtree(venv, ignore_errors=True)  # 5.4 GB; pytest keeps the last 3 tmp folders
 
 
 def test_the_wheel_holds_every_module_configs_and_kernels(tmp_path: Path) -> None:

@@ -102,26 +102,31 @@ class CudaDevice:
 
 
 def _arch_supported(capability: tuple[int, int]) -> bool:
-    """Whether this torch build carries code for the capability: its own SASS, or PTX of an
-    older one that the driver can compile for it."""
+    """Whether this torch build carries code that runs on the capability: SASS of the same
+    major and a minor no higher (sm_86 runs on 8.9), or PTX of an older one that the driver
+    compiles for it. Arch-specific builds (sm_90a) run on exactly their own."""
     arches = torch.cuda.get_arch_list()
     if not arches:
         return True  # unknown: let the tensor op decide
     major, minor = capability
     for arch in arches:
-        m = re.fullmatch(r"(sm|compute)_(\d+)(\d)[a-z]?", arch)
+        m = re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", arch)
         if not m:
             continue
-        a_major, a_minor = int(m.group(2)), int(m.group(3))
-        if m.group(1) == "sm" and (a_major, a_minor) == (major, minor):
+        a_major, a_minor, specific = int(m.group(2)), int(m.group(3)), bool(m.group(4))
+        if specific:
+            if (a_major, a_minor) == (major, minor):
+                return True
+        elif m.group(1) == "sm" and a_major == major and a_minor <= minor:
             return True
-        if m.group(1) == "compute" and (a_major, a_minor) <= (major, minor):
+        elif m.group(1) == "compute" and (a_major, a_minor) <= (major, minor):
             return True
     return False
 
 
 def probe_device(index: int) -> CudaDevice:
-    """Name, capability and memory of cuda:index, and a small computation checked there."""
+    """Name, capability and memory of cuda:index, and a small computation checked there
+    (a dot product whose float32 sum is exact in any order)."""
     device = CudaDevice(index)
     try:
         props = torch.cuda.get_device_properties(index)
@@ -129,18 +134,17 @@ def probe_device(index: int) -> CudaDevice:
         device.capability = (props.major, props.minor)
         device.memory_gib = round(props.total_memory / 2**30, 1)
         device.multiprocessors = props.multi_processor_count
-        if not _arch_supported(device.capability):
-            device.error = (f"torch {torch.__version__} has no code for compute capability "
-                            f"{props.major}.{props.minor} (it carries "
-                            f"{' '.join(torch.cuda.get_arch_list())})")
-            return device
-        x = torch.arange(1, 1025, device=f"cuda:{index}", dtype=torch.float32)
-        total = float((x @ x).item())
+        x = torch.arange(1, 257, device=f"cuda:{index}", dtype=torch.float32)
+        total = float((x @ x).item())  # 5,625,216 < 2^24: every partial sum is exact
         torch.cuda.synchronize(index)
-        if total != 1024 * 1025 * 2049 / 6:
-            device.error = f"a dot product came out {total}, not {1024 * 1025 * 2049 // 6}"
+        if total != 256 * 257 * 513 / 6:
+            device.error = f"a dot product came out {total}, not {256 * 257 * 513 // 6}"
     except Exception as exc:  # whatever the driver says is the answer
         device.error = f"{type(exc).__name__}: {first_line(exc)}"
+    if device.error and device.name and not _arch_supported(device.capability):
+        device.error = (f"torch {torch.__version__} has no code for compute capability "
+                        f"{device.capability[0]}.{device.capability[1]} (it carries "
+                        f"{' '.join(torch.cuda.get_arch_list())}): {device.error}")
     return device
 
 
