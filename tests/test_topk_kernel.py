@@ -148,7 +148,9 @@ def test_extension_builds_links_and_imports(tmp_path) -> None:
     # torch links -L$CUDA_HOME/lib64; some toolkits keep libcudart in lib/
     libs = [f"-L{d}" for d in (home / "lib64", home / "lib") if (d / "libcudart.so").exists()]
     repo = cuda_topk.kernel_dir().parent
-    env = {**os.environ, "CUDA_HOME": str(home),
+    # torch adds its own arch flags for the visible GPUs; with none visible, name the one
+    # built for (torch 2.4 fails on an empty list: "arch_list[-1] += '+PTX'", IndexError)
+    env = {**os.environ, "CUDA_HOME": str(home), "TORCH_CUDA_ARCH_LIST": "9.0",
            "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", JIT_BUILD, str(tmp_path), *libs], env=env,
                           capture_output=True, text=True, timeout=600)
