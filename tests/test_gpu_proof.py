@@ -63,13 +63,19 @@ def test_the_gpu_proof_rehearses_end_to_end_without_a_gpu(tmp_path, shared_data)
 
     first = proof(clone, python, tmp_path / "out1", tar)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    files = {p.name for p in (tmp_path / "out1").iterdir()}
-    assert FILES <= files and len(files) <= 8, files
     report = json.loads((tmp_path / "out1" / "proof.json").read_text())
     steps = {s["name"]: s for s in report["steps"]}
+    files = {p.name for p in (tmp_path / "out1").iterdir()}
+    ran = {"bench topk": "bench_topk.json", "bench search": "bench_search.json"}
+    want = FILES - {f for step, f in ran.items() if steps[step]["status"] == "skipped"}
+    assert want <= files and len(files) <= 8, files
     assert report["cuda"] is False
-    for name in ("install", "doctor", "cuda tests", "bench topk", "bench search"):
+    for name in ("install", "doctor", "cuda tests"):
         assert steps[name]["status"] == "passed", steps[name]
+    for name in ("bench topk", "bench search"):  # a slow machine may run out of the 60 s
+        assert steps[name]["status"] == "passed" or (
+            steps[name]["status"] == "skipped" and "of the budget left" in steps[name]["note"]
+        ), steps[name]
     for name in ("sanitizer memcheck", "sanitizer racecheck", "bench search compile"):
         assert steps[name]["status"] == "skipped" and "no CUDA" in steps[name]["note"]
     assert report["summary"] in first.stdout
@@ -82,9 +88,14 @@ def test_the_gpu_proof_rehearses_end_to_end_without_a_gpu(tmp_path, shared_data)
                                capture_output=True, text=True, check=True).stdout.strip()
     assert Path(installed).resolve().is_relative_to(clone.resolve())  # the copy, editable
 
-    # the second call, with room to finish, carries the search on (or finds it finished)
-    second = proof(clone, python, tmp_path / "out2", tar, budget=150)
+    # the second call, with room to finish, runs every step and carries the search on
+    second = proof(clone, python, tmp_path / "out2", tar, budget=240)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    again = {s["name"]: s for s in json.loads((tmp_path / "out2" / "proof.json").read_text())
+             ["steps"]}
+    for name in ("install", "doctor", "cuda tests", "bench topk", "bench search", "conv6"):
+        assert again[name]["status"] == "passed", again[name]
+    assert FILES | {"conv6.json"} <= {p.name for p in (tmp_path / "out2").iterdir()}
     if steps["conv6"]["status"] != "skipped":  # the first call unpacked the data into .proof/
         assert "unpacked" not in second.stdout
     conv = json.loads((tmp_path / "out2" / "conv6.json").read_text())
