@@ -210,3 +210,32 @@ def test_the_offline_demo_is_the_packaged_density_sweep() -> None:
     assert widths == [(0.1, 1.0), (0.1, 9.4912), (0.2, 1.0), (0.2, 4.4814), (0.5, 1.0),
                       (0.5, 1.4427), (1.0, 1.0)]
     assert len({run_id(p.config) for p in points}) == 21  # d = 1 at width 1 and "theory"
+
+
+def test_the_demo_runs_its_longest_points_first(tmp_path) -> None:
+    """The theory-width points at the lowest density are the widest networks: run last,
+    they left one worker running them alone at the end (issue 21, item 5)."""
+    from slt.network import count_weights
+    from slt.overview import known_spec
+    from slt.sweeps.grid import cost, plan
+
+    _, unique = plan(load_sweep("demo_sweep.toml"), tmp_path, {}, 1, lambda _: None)
+    points = list(unique.values())
+    costs = [cost(p.config) for p in points]
+    assert all(a >= b for a, b in zip(costs, costs[1:])), costs
+    assert [p.values["source.density"] for p in points[:3]] == [0.1] * 3
+    assert {p.values["model.width"] for p in points[:9]} == {"theory"}
+    assert [p.values["run.seed"] for p in points[:3]] == [0, 1, 2]  # ties: the file's order
+    first = points[0].config
+    assert costs[0] == count_weights(first, known_spec(first.data)).n_prunable * 5
+    assert costs[0] > 50 * costs[-1]  # width 9.5 against width 1
+
+
+def test_runs_of_unknown_length_keep_the_files_order(tmp_path) -> None:
+    sweep = tmp_path / "s.toml"
+    sweep.write_text('base = "quick.toml"\n[set]\ndata.name = "imagefolder"\n'
+                     f'data.root = "{tmp_path}"\n[axes]\nmodel.width = [1, 4]\n')
+    from slt.sweeps.grid import plan
+
+    _, unique = plan(load_sweep(sweep), tmp_path / "out", {}, 1, lambda _: None)
+    assert [p.values["model.width"] for p in unique.values()] == [1, 4]

@@ -174,7 +174,31 @@ def plan(sweep: Sweep, root: Path, overrides: dict[str, Any], threads: int,
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SltError(f"cannot create the sweep folder {root}: {exc.strerror}") from None
-    return outcome, unique
+    return outcome, longest_first(unique)
+
+
+def cost(cfg: Config) -> float | None:
+    """A run's expected length up to a constant: its network's prunable weights (what a step
+    costs grows with them) times its epochs. None where the data's shape is not known
+    without reading the data (an image folder)."""
+    from slt.network import count_weights
+    from slt.overview import known_spec
+
+    try:
+        return float(count_weights(cfg, known_spec(cfg.data)).n_prunable) * cfg.search.epochs
+    except (SltError, ValueError, RuntimeError):  # an unknown shape, an invalid network
+        return None
+
+
+def longest_first(unique: dict[str, Point]) -> dict[str, Point]:
+    """The runs, longest first, so that a pool of workers does not end with one worker
+    running the widest points alone; ties keep the file's order. Where one run's length
+    cannot be estimated, the file's order stands."""
+    costs = {rid: cost(p.config) for rid, p in unique.items() if p.config is not None}
+    if len(costs) != len(unique) or any(c is None for c in costs.values()):
+        return unique
+    order = sorted(unique, key=lambda rid: -(costs[rid] or 0.0))
+    return {rid: unique[rid] for rid in order}
 
 
 def _with_threads(cfg: Config, threads: int) -> Config:
