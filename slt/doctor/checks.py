@@ -44,16 +44,11 @@ class Check:
 
 def _medians(calls: dict[str, Callable[[], object]], repeats: int, device: torch.device
              ) -> dict[str, float]:
-    """Median seconds per call, interleaved call by call after one warm-up each."""
+    """Median seconds per call: `slt bench search`'s interleaving, one warm-up each."""
+    from slt.bench.search import interleaved
     from slt.bench.topk import Timer
 
-    timer = Timer(str(device))
-    for fn in calls.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            times[name].append(timer(fn))
+    times = interleaved(calls, repeats, 1, 1, Timer(str(device)))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
