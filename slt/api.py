@@ -155,6 +155,8 @@ class Evaluation:
     test_acc: float
     test_loss: float
     recorded_test_acc: float | None  # what the run recorded, when the ticket says
+    # effective density of the ticket and of its source (slt.engine.measure.effective_records)
+    effective: dict[str, Any] | None = None
 
     @property
     def same_as_recorded(self) -> bool | None:
@@ -174,7 +176,8 @@ def evaluate(ticket: Ticket | PathLike, data: PathLike | None = None, *,
     from slt import ticket as ticket_io
     from slt.capacity import allocation_errors
     from slt.data.loader import open_batches
-    from slt.engine.loop import evaluate as evaluate_net
+    from slt.engine.measure import effective_records
+    from slt.engine.measure import evaluate as evaluate_net
     from slt.engine.platform import resolve_device
     from slt.models import model_known
     from slt.resolve import resolve
@@ -205,7 +208,8 @@ def evaluate(ticket: Ticket | PathLike, data: PathLike | None = None, *,
     with allocation_errors(cfg, batches.spec):  # a ticket found on a bigger machine
         net = ticket_io.rebuild(t, dev)
         loss, acc = evaluate_net(net, batches, cfg.search.eval_batch_size)
-    return Evaluation(acc, loss, t.metrics.get("test_acc"))
+        effective = effective_records(net, t.compact_masks(), batches.spec.shape)
+    return Evaluation(acc, loss, t.metrics.get("test_acc"), effective)
 
 
 def check_data_fits(ticket: Ticket, spec: Any, changed: Sequence[str] = ()) -> None:

@@ -40,6 +40,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from slt.api import evaluate, load_ticket
+    from slt.engine.measure import effective_lines
 
     ticket = load_ticket(args.ticket)
     result = evaluate(ticket, overrides=args.overrides, device=args.device,
@@ -56,8 +57,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         same = "same" if result.same_as_recorded else "DIFFERENT"
         line += f"  (run recorded {recorded:.4f}: {same})"
     print(line)
+    if result.effective is not None:
+        print("\n".join(effective_lines(result.effective)))
     if args.json:
-        print(json.dumps({"test_acc": acc, "test_loss": loss, "recorded_test_acc": recorded}))
+        print(json.dumps({"test_acc": acc, "test_loss": loss, "recorded_test_acc": recorded,
+                          "effective": result.effective}))
     return 0
 
 

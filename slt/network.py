@@ -18,6 +18,7 @@ from slt.config.schema import Config, ModelConfig
 from slt.errors import ConfigError, did_you_mean
 from slt.layers import MaskedLayer, WeightSlot, masked_layers
 from slt.models import build_model, seed_parameters
+from slt.plant import Plant, plant_of
 from slt.scorers import Budget, Scorer
 from slt.scorers.lookup import create_scorer
 from slt.seeding import generator
@@ -38,9 +39,11 @@ class LayerInfo:
 class SltNetwork(nn.Module):
     """The architecture plus the scorer and the ticket budget."""
 
-    def __init__(self, body: nn.Module, scorer: Scorer, budget: Budget, infos: list[LayerInfo]):
+    def __init__(self, body: nn.Module, scorer: Scorer, budget: Budget, infos: list[LayerInfo],
+                 plant: Plant | None = None):
         super().__init__()
         self.body = body
+        self.plant = plant  # the teacher written into the weights (plant.enabled), else None
         self.scorer = scorer
         self.budget = budget
         self.infos = infos
@@ -217,16 +220,23 @@ def build_network(cfg: Config, spec: DataSpec) -> SltNetwork:
 
     scorer = create_scorer(cfg.search.scorer, dict(cfg.search.scorer_options))
     scorer.target_keep = keep
+    # check_plant made every layer searched: layer i holds the plant's layer i
+    plant = plant_of(cfg, shapes) if cfg.plant.enabled else None
+    if plant is not None and cfg.plant.size_ticket:
+        budget, keep = _plant_budget(cfg, plant, searched_src)
     infos = []
     for i, (layer, is_searched, n_src) in enumerate(zip(layers, searched, src)):
-        mask = (nested_mask(layer.weight_shape, n_src, cfg.source.seed, i) if is_searched
-                else torch.ones(layer.weight_shape, dtype=torch.bool))
+        forced = _forced(plant, i, n_src, names[id(layer)]) if cfg.plant.in_source else None
+        mask = (nested_mask(layer.weight_shape, n_src, cfg.source.seed, i, forced)
+                if is_searched else torch.ones(layer.weight_shape, dtype=torch.bool))
         scale = {
             "none": 1.0,
             "source": n_src / layer.numel,
             "ticket": keep * n_src / layer.numel,
         }[cfg.model.init_scale] if is_searched else 1.0
         weight = init_weight(cfg.model.init, layer.weight_shape, cfg.run.seed, i, scale)
+        if plant is not None:
+            weight.view(-1)[plant.positions[i]] = plant.values[i]
         layer.init_args = (cfg.model.init, max(scale, 1.0 / layer.numel))
         layer.set_source(weight, mask, is_searched)
         if is_searched:
@@ -236,7 +246,26 @@ def build_network(cfg: Config, spec: DataSpec) -> SltNetwork:
                                is_searched, layer.n_source))
     if is_reference(cfg.model.name):
         seed_parameters(body, cfg.model, cfg.run.seed)
-    return SltNetwork(body, scorer, budget, infos)
+    return SltNetwork(body, scorer, budget, infos, plant)
+
+
+def _plant_budget(cfg: Config, plant: Plant, source: list[int]) -> tuple[Budget, float]:
+    """plant.size_ticket: per layer the plant's edge count (what the source can hold of
+    it), in total their sum; the relative keep that amounts to."""
+    layer_k = tuple(min(int(p.numel()), n) for p, n in zip(plant.positions, source))
+    return Budget(cfg.search.scope, layer_k, sum(layer_k)), sum(layer_k) / sum(source)
+
+
+def _forced(plant: Plant | None, index: int, n_source: int, name: str) -> Tensor | None:
+    """The planted edges a source must hold (plant.in_source), when it has room for them."""
+    if plant is None:
+        return None
+    forced = plant.positions[index]
+    if forced.numel() > n_source:
+        raise ConfigError(f"plant.in_source: layer {name} has {forced.numel()} planted edges "
+                          f"but its source holds only {n_source}; raise source.density or "
+                          "pick another scheme")
+    return forced
 
 
 @dataclass(frozen=True)

@@ -137,14 +137,18 @@ def layer_densities(
     return [c / math.prod(s) for c, s in zip(counts, shapes)]
 
 
-def nested_mask(shape: Shape, count: int, source_seed: int, layer_index: int) -> Tensor:
+def nested_mask(shape: Shape, count: int, source_seed: int, layer_index: int,
+                forced: Tensor | None = None) -> Tensor:
     """Boolean mask holding the `count` highest-priority edges of a layer.
 
     The priority order is a random permutation fixed by (source seed, layer index), so a
-    smaller count always gives a subset of a larger one.
+    smaller count always gives a subset of a larger one. `forced` flat positions (a plant
+    held in the source) go first in that order, so sources stay nested and exact in count.
     """
     numel = math.prod(shape)
     order = torch.randperm(numel, generator=generator("source", source_seed, layer_index))
+    if forced is not None and forced.numel():
+        order = torch.cat([forced, order[~torch.isin(order, forced)]])
     mask = torch.zeros(numel, dtype=torch.bool)
     mask[order[:count]] = True
     return mask.view(shape)

@@ -101,16 +101,41 @@ def test_planted_teacher_labels_come_from_the_teacher() -> None:
     cfg = teacher_cfg(input_dim=6, teacher_hidden=9, num_classes=5, train_size=500,
                       test_size=200, seed=7)
     s, teacher = planted_teacher_task(cfg)
-    assert teacher.w1.shape == (9, 6) and teacher.w2.shape == (5, 9)
+    w1, w2 = teacher.weights
+    assert w1.shape == (9, 6) and w2.shape == (5, 9)
     assert torch.equal(teacher.labels(s.train_x), s.train_y)
     assert torch.equal(teacher.labels(s.test_x), s.test_y)
     # By hand: argmax over classes of the raw logits standardised with train statistics.
-    raw = torch.relu(s.train_x.double() @ teacher.w1.T) @ teacher.w2.T
+    raw = torch.relu(s.train_x.double() @ w1.T) @ w2.T
     assert torch.allclose(teacher.centre, raw.mean(0))
     by_hand = ((raw - raw.mean(0)) / raw.std(0, correction=0)).argmax(1)
     assert torch.equal(by_hand, s.train_y)
     # Without the per-class centring the labels differ (it is doing something).
     assert not torch.equal(raw.argmax(1), s.train_y)
+
+
+def test_bias_free_deep_teacher_is_its_weights_and_balances_classes() -> None:
+    """data.teacher_bias = false: the logits are the chain of weights alone (what a plant
+    writes into a bias-free student), centred and of unit std per class on the training
+    inputs; data.teacher_depth sets the hidden layers."""
+    cfg = teacher_cfg(input_dim=12, teacher_hidden=16, teacher_depth=3, teacher_bias=False,
+                      num_classes=6, train_size=4000, test_size=100, seed=3)
+    s, teacher = planted_teacher_task(cfg)
+    assert [tuple(w.shape) for w in teacher.weights] == [(16, 12), (16, 16), (16, 16), (6, 16)]
+    h = s.train_x.double()
+    for w in teacher.weights[:-1]:
+        h = torch.relu(h @ w.T)
+    logits = h @ teacher.weights[-1].T
+    assert torch.equal(teacher.logits(s.train_x), logits)
+    assert float(logits.mean(0).abs().max()) < 1e-12
+    assert torch.allclose(logits.std(0, correction=0), torch.ones(6, dtype=torch.float64))
+    assert torch.equal(logits.argmax(1), s.train_y)
+    counts = torch.bincount(s.train_y, minlength=6)
+    assert int(counts.min()) > 4000 // 6 // 3, counts.tolist()
+    # the default teacher is unchanged by the new keys: depth 1 with a bias
+    plain = planted_teacher_task(teacher_cfg(input_dim=12, teacher_hidden=16, num_classes=6,
+                                             train_size=4000, test_size=100, seed=3))[1]
+    assert len(plain.weights) == 2 and torch.equal(plain.weights[0], teacher.weights[0])
 
 
 def test_planted_teacher_train_set_does_not_depend_on_test_size() -> None:

@@ -21,7 +21,7 @@ from slt.config.ids import config_hash, run_id
 from slt.config.toml import read_toml, to_toml
 from slt.data.datasets import load_data
 from slt.data.memory import Batches
-from slt.engine.loop import evaluate
+from slt.engine.measure import evaluate
 from slt.errors import SltError
 from slt.reporting.runs import load_runs
 from slt.reporting.write import write_report
@@ -286,3 +286,29 @@ def test_a_run_of_a_rule_not_installed_here_is_still_reported(tmp_path) -> None:
     text = write_report(runs, evaluate_survival=False, log=lambda _: None).read_text()
     assert "1 run directories: 1 finished" in text
     assert "search.scorer=someones-rule(temperature=2.0)" in text
+
+
+def test_effective_density_of_an_older_run_is_measured_on_its_ticket(tmp_path) -> None:
+    """A run of an older slt has no effective density in its summary: the report measures
+    it on the rebuilt ticket (the figure the run would have recorded), caches it in the run
+    directory, and does without it under --no-eval."""
+    path = tmp_path / "s.toml"
+    path.write_text(SWEEP.replace("[0.0, 0.5, 0.2]", "[1.0, 0.2]"))
+    out = tmp_path / "runs"
+    run_sweep(load_sweep(path), out, progress=False, log=lambda _: None)
+    text = write_report(out, log=lambda _: None).read_text()
+    assert "## Effective vs nominal ticket density" in text
+    table = text.split("## Effective vs nominal ticket density")[1].split("\n## ")[0]
+    old = {}
+    for run in out.glob("planted_teacher-*"):
+        summary = json.loads((run / "summary.json").read_text())
+        old[run.name] = summary.pop("effective_density"), summary.pop("effective")
+        (run / "summary.json").write_text(json.dumps(summary))
+    assert write_report(out, log=lambda _: None, evaluate_survival=False).read_text().count(
+        "## Effective vs nominal") == 0
+    again = write_report(out, log=lambda _: None).read_text()
+    assert again.split("## Effective vs nominal ticket density")[1].split("\n## ")[0] == table
+    for name, (density, records) in old.items():
+        cache = json.loads((out / name / "effective.json").read_text())
+        assert cache["effective_density"] == density
+        assert cache["ticket_density"] == records["ticket"]["nominal_density"]

@@ -196,7 +196,7 @@ def test_global_anneal_schedule() -> None:
 def test_tickets_rebuild_to_the_run_accuracy(tmp_path, scorer: str) -> None:
     from slt.data.datasets import load_data
     from slt.data.memory import Batches
-    from slt.engine.loop import evaluate
+    from slt.engine.measure import evaluate
 
     cfg = resolve.load(None, [*TINY, f"search.scorer={scorer}", "search.epochs=3"])
     result = run_search(cfg, tmp_path, log=lambda _: None)

@@ -8,7 +8,7 @@ import torch
 from slt import resolve, ticket
 from slt.data.datasets import load_data
 from slt.data.memory import Batches
-from slt.engine.loop import evaluate
+from slt.engine.measure import evaluate
 from slt.engine.run import run_search
 from slt.errors import TicketError
 
@@ -65,7 +65,8 @@ def _other_torch(monkeypatch) -> None:
     real_init, real_mask = network.init_weight, network.nested_mask
     monkeypatch.setattr(network, "init_weight", lambda *a, **k: -real_init(*a, **k))
     monkeypatch.setattr(network, "nested_mask",
-                        lambda shape, count, seed, index: real_mask(shape, count, seed + 99, index))
+                        lambda shape, count, seed, index, *forced: real_mask(
+                            shape, count, seed + 99, index, *forced))
 
 
 def _accuracy(path, cfg) -> float:

@@ -236,6 +236,7 @@ def validate(cfg: Config) -> None:
         "search.epochs": s.epochs, "search.batch_size": s.batch_size,
         "search.eval_batch_size": s.eval_batch_size, "data.input_dim": cfg.data.input_dim,
         "data.num_classes": cfg.data.num_classes, "data.teacher_hidden": cfg.data.teacher_hidden,
+        "data.teacher_depth": cfg.data.teacher_depth,
         "data.train_size": cfg.data.train_size, "data.test_size": cfg.data.test_size,
     }
     for key, value in positive.items():
@@ -250,6 +251,35 @@ def validate(cfg: Config) -> None:
                        ("run.checkpoint_every", cfg.run.checkpoint_every)):
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    check_plant(cfg)
+
+
+def check_plant(cfg: Config) -> None:
+    """What a plant asks of the run: the student restricted to the planted edges computes
+    the teacher exactly only when both are bias-free ReLU MLPs of one depth, every layer
+    searched (a dense frozen layer would add its random weights to the plant's)."""
+    m, d = cfg.model, cfg.data
+    if not cfg.plant.enabled:
+        if cfg.plant.in_source or cfg.plant.size_ticket:
+            raise ConfigError("plant.in_source and plant.size_ticket need plant.enabled = true")
+        return
+    if d.name != "planted_teacher":
+        raise ConfigError(f"plant.enabled needs data.name = 'planted_teacher' (the teacher is "
+                          f"what is planted), got '{d.name}'")
+    if m.name != "mlp":
+        raise ConfigError(f"plant.enabled needs model.name = 'mlp': the plant is exact in a "
+                          f"ReLU MLP without biases or normalisation, and '{m.name}' is not one")
+    if d.teacher_bias:
+        raise ConfigError("plant.enabled needs data.teacher_bias = false: slt's mlp has no "
+                          "biases, so the teacher it holds must balance its classes without one")
+    if len(m.hidden) != d.teacher_depth:
+        raise ConfigError(f"plant.enabled: the teacher has {d.teacher_depth} hidden layer(s) "
+                          f"(data.teacher_depth) but the student has {len(m.hidden)} "
+                          f"(model.hidden = {list(m.hidden)}); make them equal")
+    if m.first_layer_dense or m.last_layer_dense or m.search_include or m.search_exclude:
+        raise ConfigError("plant.enabled needs every layer searched: a dense frozen layer "
+                          "adds its random weights to the planted ones (unset "
+                          "first_layer_dense, last_layer_dense, search_include, search_exclude)")
 
 
 # The prefixes of a model reference (slt.models.reference builds them).

@@ -75,6 +75,7 @@ def hashed_values(cfg: Config) -> dict[str, Any]:
     # At density 1 every scheme builds the same all-dense source: one run serves them all.
     if dense_source(cfg):
         body.pop("source.scheme", None)
+        body.pop("plant.in_source", None)  # a dense source holds every planted edge anyway
     # keep/ticket_density are two spellings of one quantity: the derived pair, always.
     body["search.keep"] = round(cfg.keep, 12)
     body["search.ticket_density"] = round(cfg.ticket_density, 12)
@@ -94,7 +95,7 @@ def legacy_config_hash(cfg: Config) -> str:
         section: {k: v for k, v in values.items() if k in LEGACY_KEYS[section]
                   and (section, k) not in NOT_HASHED
                   and not ((section, k) in HASHED_IF_SET and v == _default(section, k))}
-        for section, values in cfg.to_dict().items()
+        for section, values in cfg.to_dict().items() if section in LEGACY_KEYS
     }
     if cfg.data.name == "imagefolder":
         body["data"]["root"] = str(Path(cfg.data.root).expanduser().resolve())

@@ -6,7 +6,7 @@ Every field carries its default; the checks, TOML and run ids live beside it in
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 
@@ -16,13 +16,25 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+class Pickled:
+    """A config pickled by an older slt (a SLURM job queued before an upgrade, read when it
+    starts) lacks the keys added since: unpickling gives them their defaults, which are
+    what that slt computed (a new key never changes what its default does)."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            if f.name not in state:
+                state[f.name] = f.default if f.default is not MISSING else f.default_factory()
+        self.__dict__.update(state)
+
+
 def default_data_root() -> str:
     """`$SLT_DATA` when set, else ./data (resolved when the config is loaded)."""
     return os.environ.get("SLT_DATA", "./data")
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Pickled):
     name: str = _f("mnist", "dataset: mnist, fashion_mnist, cifar10, cifar100, imagefolder, "
                    "planted_teacher")
     root: str = _f("", "where datasets live; empty means $SLT_DATA, else ./data")
@@ -32,6 +44,12 @@ class DataConfig:
     input_dim: int = _f(32, "planted teacher: input dimension")
     num_classes: int = _f(10, "planted teacher: number of classes")
     teacher_hidden: int = _f(64, "planted teacher: hidden width of the random teacher MLP")
+    teacher_depth: int = _f(1, "planted teacher: hidden layers of the teacher MLP (a plant "
+                            "needs the student's depth)")
+    teacher_bias: bool = _f(True, "planted teacher: balance the classes with a bias on the "
+                            "logits (true), or with none, by removing the mean hidden "
+                            "activation from the output weights (false: what a plant needs, "
+                            "since slt's mlp has no biases)")
     train_size: int = _f(8192, "planted teacher: number of training examples")
     test_size: int = _f(2048, "planted teacher: number of test examples")
     seed: int = _f(0, "planted teacher: seed of the teacher and of its examples")
@@ -44,7 +62,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Pickled):
     name: str = _f("mlp", "architecture: mlp, conv2, conv4, conv6, conv8, vgg16, resnet18, "
                    "resnet20, resnet50; or a reference to your own: torchvision:NAME, "
                    "timm:NAME, python:package.module:factory (docs/models.md)")
@@ -69,7 +87,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class SourceConfig:
+class SourceConfig(Pickled):
     density: float = _f(1.0, "source density d: fraction of prunable weights in the random source")
     scheme: str = _f("uniform", "layerwise scheme: uniform, er, erk, balanced, pyramidal, custom "
                      "(custom ignores density and needs search.keep)")
@@ -78,7 +96,7 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(Pickled):
     scorer: str = _f("edge-popup", "scoring rule (`slt scorers` lists them); its options go in "
                      "a [search.scorer] table: name = \"...\", option = value")
     scorer_options: tuple[tuple[str, Any], ...] = _f(
@@ -99,7 +117,7 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Pickled):
     seed: int = _f(0, "seed of the weights, scores and data order; the source does not use it")
     device: str = _f("auto", "auto (cuda when present), cpu or cuda")
     threads: int = _f(0, "CPU threads for torch; 0 leaves torch's default")
@@ -119,12 +137,27 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class PlantConfig(Pickled):
+    enabled: bool = _f(False, "write the planted teacher into the student's frozen weights, so "
+                       "a perfect ticket is known (needs data.name = planted_teacher, "
+                       "data.teacher_bias = false and an mlp student of the teacher's depth)")
+    seed: int = _f(0, "seed of where the teacher's hidden units go among the student's")
+    in_source: bool = _f(False, "force the planted edges into the random source (true), or "
+                         "draw the source independently of them (false: a planted edge "
+                         "survives only where the source keeps it)")
+    size_ticket: bool = _f(False, "size the ticket as the plant: each layer keeps exactly as "
+                           "many edges as the plant has there (search.keep and "
+                           "search.ticket_density are then not used), as Plant 'n' Seek does")
+
+
+@dataclass(frozen=True)
+class Config(Pickled):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    plant: PlantConfig = field(default_factory=PlantConfig)
 
     # --- derived values -------------------------------------------------------------------
     @property
@@ -154,6 +187,7 @@ SECTIONS: dict[str, type] = {
     "source": SourceConfig,
     "search": SearchConfig,
     "run": RunConfig,
+    "plant": PlantConfig,
 }
 
 

@@ -203,41 +203,64 @@ def imagenet(cfg: DataConfig) -> Splits:
 
 @dataclass(frozen=True, eq=False)
 class Teacher:
-    """The random MLP that labels planted-teacher data (float64, so labels do not hinge on
-    float32 rounding): labels = argmax of its logits, standardised per class."""
+    """The random ReLU MLP that labels planted-teacher data (float64, so labels do not hinge
+    on float32 rounding): labels = argmax of its logits, standardised per class."""
 
-    w1: Tensor  # (hidden, input_dim)
-    w2: Tensor  # (num_classes, hidden)
-    centre: Tensor  # (num_classes,) mean logit over the training inputs
-    scale: Tensor  # (num_classes,) std of the logit over the training inputs
+    weights: tuple[Tensor, ...]  # (out, in) per layer: input -> hidden ... -> classes
+    centre: Tensor  # (num_classes,) mean logit over the training inputs (0 when bias-free)
+    scale: Tensor  # (num_classes,) std of the logit over the training inputs (1 when folded)
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """The last hidden layer's activations."""
+        h = x.double()
+        for w in self.weights[:-1]:
+            h = torch.relu(h @ w.T)
+        return h
 
     def logits(self, x: Tensor) -> Tensor:
-        raw = torch.relu(x.double() @ self.w1.T) @ self.w2.T
+        raw = self.hidden(x) @ self.weights[-1].T
         return (raw - self.centre) / self.scale
 
     def labels(self, x: Tensor) -> Tensor:
         return self.logits(x).argmax(1)
 
 
+def _teacher(cfg: DataConfig, train_x: Tensor) -> Teacher:
+    """Weights N(0, 1/fan_in) drawn layer by layer from the teacher's seed. With a bias the
+    logits are standardised per class; without one (data.teacher_bias = false) the output
+    weights lose their component along the mean hidden activation, which centres every
+    logit over the training inputs, and are divided by each logit's std, so the whole
+    teacher is its weights: that is what a plant writes into a bias-free student."""
+    g = generator("planted_teacher", "teacher", cfg.seed)
+    dims = [cfg.input_dim] + [cfg.teacher_hidden] * cfg.teacher_depth + [cfg.num_classes]
+    weights = [torch.randn(n_out, n_in, dtype=torch.float64, generator=g) / math.sqrt(n_in)
+               for n_in, n_out in zip(dims[:-1], dims[1:])]
+    plain = Teacher(tuple(weights), torch.zeros(()), torch.ones(()))
+    hidden = plain.hidden(train_x)
+    if cfg.teacher_bias:
+        raw = hidden @ weights[-1].T
+        return Teacher(tuple(weights), raw.mean(0), raw.std(0, correction=0).clamp_min(1e-12))
+    mean = hidden.mean(0)
+    last = weights[-1] - torch.outer(weights[-1] @ mean, mean) / (mean @ mean).clamp_min(1e-300)
+    scale = (hidden @ last.T).std(0, correction=0).clamp_min(1e-12)
+    weights[-1] = last / scale[:, None]
+    return Teacher(tuple(weights), torch.zeros(()), torch.ones(()))
+
+
 def planted_teacher_task(cfg: DataConfig) -> tuple[Splits, Teacher]:
     """Inputs x ~ N(0, I) labelled by a random teacher MLP; returns the teacher too.
 
-    A raw random teacher's argmax favours a few classes; subtracting each class's mean
-    logit (and dividing by its std) over the training inputs makes the classes roughly
-    balanced. Teacher, train inputs and test inputs have separate seeds derived from
-    data.seed, so e.g. changing test_size leaves the training set as it was.
+    A raw random teacher's argmax favours a few classes; centring each class's logit (and
+    dividing by its std) over the training inputs makes the classes roughly balanced.
+    Teacher, train inputs and test inputs have separate seeds derived from data.seed, so
+    e.g. changing test_size leaves the training set as it was.
     """
-    d, h, k = cfg.input_dim, cfg.teacher_hidden, cfg.num_classes
-    g = generator("planted_teacher", "teacher", cfg.seed)
-    w1 = torch.randn(h, d, dtype=torch.float64, generator=g) / math.sqrt(d)
-    w2 = torch.randn(k, h, dtype=torch.float64, generator=g) / math.sqrt(h)
+    d, k = cfg.input_dim, cfg.num_classes
     train_x = torch.randn(cfg.train_size, d, generator=generator("planted_teacher", "train",
                                                                    cfg.seed))
     test_x = torch.randn(cfg.test_size, d, generator=generator("planted_teacher", "test",
                                                                  cfg.seed))
-    raw = torch.relu(train_x.double() @ w1.T) @ w2.T
-    scale = raw.std(0, correction=0).clamp_min(1e-12)
-    teacher = Teacher(w1, w2, raw.mean(0), scale)
+    teacher = _teacher(cfg, train_x)
     splits = Splits(train_x, teacher.labels(train_x), test_x, teacher.labels(test_x),
                     DataSpec((d,), k), (0.0,), (1.0,), augment=False,
                     origin=Origin("planted_teacher"))

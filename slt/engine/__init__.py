@@ -1,6 +1,7 @@
 """One run: where it executes, whether it fits, the search loop, checkpoints, TensorBoard."""
 
-from slt.engine.loop import SearchResult, evaluate
+from slt.engine.loop import SearchResult
+from slt.engine.measure import evaluate
 from slt.engine.platform import Platform
 from slt.engine.run import run_search
 

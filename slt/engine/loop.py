@@ -30,6 +30,7 @@ from slt.config.schema import Config
 from slt.data.memory import Batches
 from slt.data.stream import StreamBatches
 from slt.engine.checkpoint import Progress, checkpoint_record, restore_checkpoint
+from slt.engine.measure import evaluate, ticket_records
 from slt.engine.platform import Platform
 from slt.engine.tblog import TensorBoardLog
 from slt.errors import NonFiniteScoreError, SltError, storage_error
@@ -52,21 +53,6 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
         return (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
-
-
-@torch.no_grad()
-def evaluate(net: SltNetwork, batches: Batches, batch_size: int) -> tuple[float, float]:
-    """(loss, accuracy) on the test split, masks computed once."""
-    net.eval()
-    if not net.fixed:
-        net.refresh()
-    correct, loss_sum, n = 0, 0.0, 0
-    for x, y in batches.test_batches(batch_size):
-        out = net.apply_body(x)
-        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-        n += y.numel()
-    return loss_sum / n, correct / n
 
 
 # Steps between reads of the kernel's deferred non-finite flag (and at every checkpoint).
@@ -368,6 +354,7 @@ class Search:
             "device": str(self.platform.device), "world_size": self.platform.world,
             "torch": torch.__version__, "source_density_target": cfg.source.density,
             "scheme": cfg.source.scheme, "scope": cfg.search.scope, **dens,
+            **ticket_records(net, masks, self.batches, cfg.search.eval_batch_size),
         }
         atomic_write_text(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
         self.log(f"done: test acc {p.test_acc:.4f} (best {p.best_test_acc:.4f} at epoch "

@@ -118,3 +118,41 @@ class Plots:
             ax.set_yscale("log")
             self._style(ax, "layer", "layer density d_l", f"d = {d:g}", 6)
         return self._save(fig, "layer_densities.png", "layerwise densities")
+
+    def planted(self, series: dict[tuple, dict[float, dict[str, list[float]]]]) -> str:
+        """Left: the plant's survival in the source (dotted) and the ticket's recall of it
+        (solid); right: the plant's accuracy inside the source (dashed) and the ticket's."""
+        from matplotlib.lines import Line2D
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for key, by_d in series.items():
+            color = axes[0].plot([], [])[0].get_color()
+            cols = list(next(iter(by_d.values())))  # the table's column names, in order
+            part = [{d: v[name] for d, v in by_d.items()} for name in cols]
+            self._line(axes[0], part[1], _label(key), color=color)
+            self._line(axes[0], part[0], "", color=color, linestyle=":")
+            self._line(axes[1], part[5], "", color=color)
+            self._line(axes[1], part[4], "", color=color, linestyle="--")
+        for ax in axes:
+            ax.set_xscale("log")
+        xlabel = "source density d (log scale)"
+        self._style(axes[0], xlabel, "percent of planted edges", "Plant kept and found")
+        self._style(axes[1], xlabel, "test accuracy (%)", "Plant vs found ticket", None)
+        axes[0].legend(handles=[*axes[0].get_legend_handles_labels()[0],
+                                Line2D([], [], color="gray", label="recall"),
+                                Line2D([], [], color="gray", linestyle=":",
+                                       label="in source")], fontsize=7)
+        axes[1].legend(handles=[Line2D([], [], color="gray", label="found ticket"),
+                                Line2D([], [], color="gray", linestyle="--",
+                                       label="plant in source, no search")], fontsize=7)
+        return self._save(fig, "planted.png", "planted ticket")
+
+    def effective(self, series: dict[tuple, dict[float, list[float]]]) -> str:
+        """Effective over nominal ticket density vs source density, one line per setting."""
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for key, by_d in series.items():
+            self._line(ax, by_d, _label(key))
+        ax.set_xscale("log")
+        self._style(ax, "source density d (log scale)", "effective / nominal density (%)",
+                    "Ticket edges on an input-to-output path")
+        return self._save(fig, "effective_density.png", "effective vs nominal density")

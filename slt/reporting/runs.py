@@ -28,6 +28,9 @@ from slt.rundir import (
 
 ANY = "any"  # the scheme of a dense (d = 1) run
 DENSITY, SEED, SCHEME, WIDTH = "source.density", "run.seed", "source.scheme", "model.width"
+IN_SOURCE = "plant.in_source"
+# Keys a dense (d = 1) run has as 'any': its source is the same whatever their value.
+ANY_WHEN_DENSE = (SCHEME, IN_SOURCE)
 
 
 @dataclass
@@ -82,7 +85,7 @@ def settings_of(cfg: Config) -> dict[str, Any]:
     else:
         out["search.ticket_density"] = round(cfg.ticket_density, 6)
     if dense_source(cfg):
-        out[SCHEME] = ANY
+        out.update({key: ANY for key in ANY_WHEN_DENSE})
     d, w = cfg.source.density, cfg.model.width
     if d < 1.0 and w != 1.0 and math.isclose(w, round(theory_width(d), 4)):
         out[WIDTH] = THEORY  # a sweep's model.width = "theory" point

@@ -10,29 +10,39 @@ from pathlib import Path
 from typing import Any
 
 from slt.analysis import THEORY, theory_width
-from slt.reporting.runs import ANY, DENSITY, SCHEME, SEED, WIDTH, Run, load_ticket_of
+from slt.reporting.runs import (
+    ANY,
+    ANY_WHEN_DENSE,
+    DENSITY,
+    SCHEME,
+    SEED,
+    WIDTH,
+    Run,
+    load_ticket_of,
+)
 
 
 def varying_keys(runs: Iterable[Run]) -> list[str]:
     """Keys with more than one value among the runs (a dense run's scheme 'any' matches
-    every scheme, so one scheme plus dense runs is not a varying scheme)."""
+    every scheme, so one scheme plus dense runs is not a varying scheme; so for
+    plant.in_source)."""
     runs = list(runs)
     values: dict[str, set] = defaultdict(set)
     for k in {k for r in runs for k in r.settings}:
         for r in runs:
             v = r.settings.get(k)  # a key a run lacks (keep vs ticket_density) counts as None
-            if not (k == SCHEME and v == ANY):
+            if not (k in ANY_WHEN_DENSE and v == ANY):
                 values[k].add(v)
     return sorted(k for k, vs in values.items() if len(vs) > 1)
 
 
 def stands_for(run: Run, key: tuple) -> bool:
     """Whether a run belongs to the group `key`: its own values, where a dense run (scheme
-    'any') stands for every scheme and a width-1 run at a density whose theory width is 1
-    stands for width 'theory' too."""
+    and plant.in_source 'any') stands for every scheme and either plant.in_source, and a
+    width-1 run at a density whose theory width is 1 stands for width 'theory' too."""
     for k, v in key:
         rv = run.settings.get(k)
-        if rv == v or (k == SCHEME and rv == ANY):
+        if rv == v or (k in ANY_WHEN_DENSE and rv == ANY):
             continue
         if (k == WIDTH and v == THEORY and run.config.model.width == 1.0
                 and theory_width(run.density) == 1.0):
@@ -63,7 +73,7 @@ def label_of(key: tuple) -> str:
     short = {"search.ticket_density": "t", "search.keep": "keep", WIDTH: "width",
              SCHEME: "scheme", "search.scorer": "scorer", "model.name": "model",
              "data.name": "data", "search.scope": "scope", "model.kwargs": "kwargs",
-             "model.bias": "bias", "model.norm": "norm"}
+             "model.bias": "bias", "model.norm": "norm", "plant.in_source": "plant in source"}
     # a model key that one kind of model lacks (a built-in's kwargs): not part of its label
     shown = [(k, v) for k, v in key if not (v is None and k.startswith("model."))]
     return ", ".join(f"{short.get(k, k)}={v:g}" if isinstance(v, float) else

@@ -30,7 +30,7 @@ from slt.analysis import (
 from slt.config.ids import config_hash
 from slt.errors import SltError
 from slt.fileio import atomic_write_text
-from slt.reporting.runs import DENSITY, SCHEME, SEED, WIDTH, Run, json_or_none
+from slt.reporting.runs import ANY_WHEN_DENSE, DENSITY, SEED, WIDTH, Run, json_or_none
 from slt.reporting.studies import Study, key_of, label_of
 
 
@@ -48,7 +48,7 @@ def accuracy_table(study: Study) -> tuple[list[str], list[list[str]], dict[tuple
     return header, rows, series
 
 
-def _ticket_digest(run: Run) -> str | None:
+def ticket_digest(run: Run) -> str | None:
     """The ticket file's own SHA-256 (its last 32 bytes): identifies its contents cheaply."""
     try:
         with open(run.path / "ticket.slt", "rb") as fh:
@@ -81,9 +81,8 @@ class Evaluator:
             return None
         import torch
 
-        from slt import ticket as ticket_io
         from slt.data.loader import open_batches
-        from slt.engine.loop import evaluate
+        from slt.engine.measure import evaluate
         from slt.engine.platform import resolve_device
 
         cfg = dense_ticket.config
@@ -101,16 +100,8 @@ class Evaluator:
             self.failed.add(name)
             self.note(f"surviving tickets were not evaluated: {exc}")
             return None
-        model = dense_ticket.config.model.name
-        if model in self.unbuilt:
-            return None
-        trusted = self.trust_model is True or (
-            not isinstance(self.trust_model, bool) and model in self.trust_model)
-        try:
-            net = ticket_io.rebuild(dense_ticket, device, trusted)
-        except SltError as exc:
-            self.unbuilt.add(model)  # said once per model
-            self.note(f"surviving tickets were not evaluated: {exc}")
+        net = self._rebuild(dense_ticket, device, "surviving tickets were not evaluated")
+        if net is None:
             return None
         dense_sources = _searched_masks(dense_ticket)[1]
         compact = [m.reshape(-1)[s.reshape(-1)] for m, s in zip(masks, dense_sources)]
@@ -118,12 +109,45 @@ class Evaluator:
         with torch.no_grad():
             return evaluate(net, self._data[name], cfg.search.eval_batch_size)[1]
 
+    def _rebuild(self, ticket: Any, device: Any, what: str) -> Any:
+        """The ticket's network, or None (`what` was not done, and why: noted once per
+        model)."""
+        from slt import ticket as ticket_io
+
+        model = ticket.config.model.name
+        if model in self.unbuilt:
+            return None
+        trusted = self.trust_model is True or (
+            not isinstance(self.trust_model, bool) and model in self.trust_model)
+        try:
+            return ticket_io.rebuild(ticket, device, trusted)
+        except SltError as exc:
+            self.unbuilt.add(model)  # said once per model
+            self.note(f"{what}: {exc}")
+            return None
+
+    def effective(self, ticket: Any) -> dict[str, Any] | None:
+        """Effective-density records of a ticket whose run did not record them (an older
+        slt's), measured on its rebuilt network; None when evaluation is off or it cannot
+        be rebuilt here."""
+        if not self.enabled:
+            return None
+        import torch
+
+        from slt.engine.measure import effective_records
+
+        net = self._rebuild(ticket, torch.device("cpu"), "effective densities were not "
+                            "measured")
+        if net is None:
+            return None
+        return effective_records(net, ticket.compact_masks(), ticket.header["spec"]["shape"])
+
 
 def survival_rows(study: Study, evaluator: Evaluator) -> list[dict[str, Any]]:
     """Per sparse run with a dense counterpart (same settings and seed, density 1): the
     fraction of the dense ticket's edges in its source, the accuracy of that surviving part
     (no new search, cached in the sparse run's folder), and its own re-searched accuracy."""
-    match = [k for k in study.varying if k not in (DENSITY, SCHEME)]
+    match = [k for k in study.varying if k not in (DENSITY, *ANY_WHEN_DENSE)]
     dense = {key_of(r, match): r for r in study.finished if r.density >= 1.0}
     out = []
     for r in study.finished:
@@ -133,7 +157,7 @@ def survival_rows(study: Study, evaluator: Evaluator) -> list[dict[str, Any]]:
         if d_run is None:
             continue
         cache = r.path / f"survival-{config_hash(d_run.config)}.json"
-        digests = [_ticket_digest(d_run), _ticket_digest(r)]
+        digests = [ticket_digest(d_run), ticket_digest(r)]
         if None in digests:
             continue
         cached = json_or_none(cache) or {}

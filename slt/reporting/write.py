@@ -12,6 +12,7 @@ from typing import Any
 from slt.analysis import fmt_pct
 from slt.errors import StorageError
 from slt.fileio import atomic_write_text, output_dir, output_file
+from slt.reporting.ground import effective_table, plant_table
 from slt.reporting.runs import Run, Unreadable, load_runs, raw_settings
 from slt.reporting.studies import Study, varying_keys
 from slt.reporting.tables import (
@@ -27,7 +28,9 @@ from slt.reporting.tables import (
 )
 
 CSV_FIELDS = ["run_id", "status", "epochs_done", "final_test_acc", "best_test_acc", "time_s",
-              "source_density_actual", "ticket_density_actual", "keep_actual", "error"]
+              "source_density_actual", "ticket_density_actual", "keep_actual",
+              "effective_density", "source_effective_density", "plant_survival",
+              "plant_recall", "plant_precision", "plant_accuracy_in_source", "error"]
 
 
 def write_csv(path: Path, runs: list[Run], unreadable: list[Unreadable] = ()) -> None:
@@ -39,9 +42,14 @@ def write_csv(path: Path, runs: list[Run], unreadable: list[Unreadable] = ()) ->
     w.writerow([*CSV_FIELDS, "search.keep", "search.ticket_density", *keys])
     for r, values in zip(runs, raw):
         s = r.summary or {}
+        source = s.get("effective", {}).get("source", {})
+        plant = s.get("plant", {})
         w.writerow([r.path.name, r.status, r.epochs_done, r.acc, s.get("best_test_acc"),
                     s.get("time_s"), s.get("source_density"), s.get("ticket_density"),
-                    s.get("keep"), r.error, r.config.search.keep,
+                    s.get("keep"), s.get("effective_density"),
+                    source.get("effective_density"), plant.get("survival"),
+                    plant.get("recall"), plant.get("precision"),
+                    plant.get("accuracy_in_source"), r.error, r.config.search.keep,
                     r.config.search.ticket_density, *[values.get(k) for k in keys]])
     for u in unreadable:
         w.writerow([u.path.name, "unreadable", *[None] * (len(CSV_FIELDS) - 3), u.reason,
@@ -129,6 +137,7 @@ def study_sections(study: Study, plots: Any, evaluator: Evaluator,
     md = ["## Accuracy vs source density\n", markdown_table(header, rows)]
     md.append(plots.accuracy(acc_series))
     md += survival_section(study, plots, evaluator)
+    md += ground_sections(study, plots, evaluator)
     overlaps = overlap_tables(study)
     if overlaps:
         md.append("## Ticket overlap across densities\n\nJaccard |A ∩ B| / |A ∪ B| of the "
@@ -168,6 +177,36 @@ def survival_section(study: Study, plots: Any, evaluator: Evaluator) -> list[str
             markdown_table(header, rows), plots.survival(surv_series)]
 
 
+def ground_sections(study: Study, plots: Any, evaluator: Evaluator) -> list[str]:
+    """The planted ticket's section (runs with a plant) and effective vs nominal density
+    (runs that recorded it), each with its plot; [] when neither applies."""
+    md: list[str] = []
+    planted = plant_table(study)
+    if planted:
+        header, rows, series = planted
+        md += ["## Planted ticket\n",
+               "The teacher that labels the data is planted in the student's weights, so "
+               "a perfect ticket exists (`[plant]`). *Planted edges in source*: the share "
+               "of them the random source holds. *Recall*: the share of them the found "
+               "ticket holds (of all, and of those in the source). *Precision*: the "
+               "planted share of the ticket. *Plant in source, no search*: the plant "
+               "restricted to the source, evaluated as it is; beside it the found "
+               "ticket's accuracy: a ticket as good as the plant with a low recall is "
+               "another ticket, not the plant.\n", markdown_table(header, rows),
+               plots.planted(series)]
+    effective = effective_table(study, evaluator)
+    if effective:
+        header, rows, series, differs = effective
+        md += ["## Effective vs nominal ticket density\n",
+               "Percent of the prunable weights: edges on at least one input-to-output "
+               "path / edges the ticket holds (mean over seeds). An edge whose unit is cut "
+               "off from the input or the output counts in the nominal density only.\n",
+               markdown_table(header, rows)]
+        if differs:
+            md.append(plots.effective(series))
+    return md
+
+
 def unfinished_sections(runs: list[Run], unreadable: list[Unreadable]) -> list[str]:
     """The runs still running or interrupted, the failed ones and the unreadable directories,
     each a table (none when there are none)."""
@@ -195,7 +234,7 @@ class _NoPlots:
     def accuracy(self, series: Any) -> str:
         return ""
 
-    survival = width = profiles = accuracy
+    survival = width = profiles = planted = effective = accuracy
 
 
 def _plotter(out_dir: Path, note: Callable[[str], None]) -> Any:
