@@ -17,6 +17,7 @@ from slt import __version__
 from slt.cli_bench import bench_parser
 from slt.cli_doctor import doctor_parser
 from slt.cli_layers import layers_parser
+from slt.cli_sweep import status_parser, sweep_parser
 from slt.errors import SltError, storage_error
 
 DEMO_SWEEP = "demo_sweep.toml"  # packaged: configs/demo_sweep.toml
@@ -108,35 +109,6 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from slt.api import sweep, sweep_settings
-    from slt.fileio import output_dir
-
-    # a file (device, FIFO) there: one line before any point runs
-    output_dir(args.out, create=False, name="runs folder")
-    if args.launcher != "local":  # jobs: queued, and with --wait followed, by the sweeps wing
-        from slt.sweeps.follow import launch_and_follow
-
-        s, given = sweep_settings(args.sweep, args.overrides)
-        return launch_and_follow(s, args.out, args.launcher, given, args.launcher_overrides,
-                                 wait=args.wait, poll=args.poll, progress=not args.no_progress,
-                                 report=not args.no_report)
-    if args.launcher_overrides or args.wait:
-        raise SltError("--launcher-set and --wait go with --launcher slurm or submitit-local")
-    outcome = sweep(args.sweep, out=args.out, workers=args.workers, overrides=args.overrides,
-                    progress=not args.no_progress, report=not args.no_report,
-                    summary=lambda o: print(o.line(args.out)))
-    return 1 if outcome.failed else 0
-
-
-def cmd_sweep_status(args: argparse.Namespace) -> int:
-    from slt.sweeps.status import format_status, sweep_status
-
-    states = sweep_status(args.out)
-    print(format_status(states))
-    return 1 if any(s.state in ("failed", "damaged") for s in states) else 0
-
-
 def cmd_scorers(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -174,17 +146,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def status_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="slt sweep status", description="Where every point of a sweep stands: one line "
-        "per point (finished with its accuracy, running with its epoch, queued, interrupted, "
-        "failed with the reason, a damaged record named) and a summary line. Exit 1 when a "
-        "point failed or a record is damaged.")
-    p.add_argument("out", help="the sweep's --out folder")
-    p.set_defaults(func=cmd_sweep_status, command="sweep-status")
-    return p
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from slt import ticket as ticket_io
     from slt.export import EXPORTS, export
@@ -201,7 +162,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _run_parsers(sub: argparse._SubParsersAction) -> None:
-    """`slt search` and `slt sweep`: the commands that run searches (one, or a grid)."""
+    """`slt search` and `slt sweep` (slt.cli_sweep): the commands that run searches (one,
+    or a grid)."""
     p = sub.add_parser("search", help="search a ticket for one config")
     _add_config_args(p)
     p.add_argument("--out", default="runs", help="folder of run directories (default: runs)")
@@ -210,27 +172,7 @@ def _run_parsers(sub: argparse._SubParsersAction) -> None:
                    "on a finished run, rewrites its ticket that way")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_search)
-
-    p = sub.add_parser("sweep", help="run a grid of searches from a sweep file, then report "
-                       "(slt sweep status OUT: where each point stands)")
-    p.add_argument("sweep", help="sweep TOML (base config, [set], [axes]); a path or the name "
-                   "of a packaged sweep such as demo_sweep.toml")
-    p.add_argument("--out", default="runs", help="folder of run directories (default: runs)")
-    p.add_argument("--workers", type=int, default=1, help="points run in parallel processes")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key in every point, e.g. --set data.root=PATH")
-    p.add_argument("--no-report", action="store_true", help="do not write the report")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--launcher", choices=["local", "slurm", "submitit-local"], default="local",
-                   help="local: worker processes here (default); slurm: one SLURM job per "
-                   "point through submitit; submitit-local: the same jobs on this machine")
-    p.add_argument("--launcher-set", dest="launcher_overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="override a key of the sweep's [launcher] table, "
-                   "e.g. --launcher-set partition=gpu (repeatable)")
-    p.add_argument("--wait", action="store_true",
-                   help="with a job launcher: follow the jobs until all end, then report")
-    p.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_sweep)
+    sweep_parser(sub)
 
 
 def _result_parsers(sub: argparse._SubParsersAction) -> None:

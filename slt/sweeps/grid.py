@@ -154,9 +154,22 @@ Runner = Callable[[Config, str], tuple[str, str]]
 
 def plan(sweep: Sweep, root: Path, overrides: dict[str, Any], threads: int,
           log: Callable[[str], None]) -> tuple[SweepOutcome, dict[str, Point]]:
+    """The valid points, one per run id, in the order they run (`runs`), and the output
+    folder made."""
+    outcome, unique = runs(sweep, overrides, threads, log)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SltError(f"cannot create the sweep folder {root}: {exc.strerror}") from None
+    return outcome, unique
+
+
+def runs(sweep: Sweep, overrides: dict[str, Any], threads: int,
+         log: Callable[[str], None]) -> tuple[SweepOutcome, dict[str, Point]]:
     """The valid points, one per run id (points with one run id compute the same thing:
-    every scheme at density 1, or width 1 and "theory" there), each with `threads` torch
-    threads unless it sets its own (0: torch's default), and the output folder made."""
+    every scheme at density 1, or width 1 and "theory" there), longest first, each with
+    `threads` torch threads unless it sets its own (0: torch's default). Touches no file:
+    `slt sweep --dry-run` lists what this returns."""
     points = sweep.points(overrides)
     outcome = SweepOutcome(skipped=[p for p in points if p.config is None])
     todo = [p for p in points if p.config is not None]
@@ -170,10 +183,6 @@ def plan(sweep: Sweep, root: Path, overrides: dict[str, Any], threads: int,
     if not unique:
         reason = outcome.skipped[0].skipped if outcome.skipped else "the grid is empty"
         raise ConfigError(f"no point of {sweep.path} is valid ({reason})")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SltError(f"cannot create the sweep folder {root}: {exc.strerror}") from None
     return outcome, longest_first(unique)
 
 

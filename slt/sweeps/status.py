@@ -94,7 +94,7 @@ def _points(root: Path) -> tuple[dict[str, dict[str, Any]], set[str], list[Damag
     return out, waiting, damaged
 
 
-def _point_state(rid: str, values: dict[str, Any], run: Run | Unreadable | None,
+def point_state(rid: str, values: dict[str, Any], run: Run | Unreadable | None,
                  job: dict[str, Any], sched: str, waiting: bool) -> PointState:
     """One point's state from its run directory (None when absent), its job record and the
     scheduler's state of that job ('' when none), and whether a live launch has yet to send it."""
@@ -155,7 +155,7 @@ def sweep_status(out_root: str | Path) -> list[PointState]:
     states = []
     for rid, values in points.items():
         run = load_run(root / rid) if (root / rid).is_dir() else None
-        states.append(_point_state(rid, values, run, jobs.get(rid, {}), live.get(rid, ""),
+        states.append(point_state(rid, values, run, jobs.get(rid, {}), live.get(rid, ""),
                                    rid in waiting))
     states += [PointState(d.path.name, "damaged", str(d), {}) for d in damaged]
     return states
