@@ -58,6 +58,8 @@ def raw_settings(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {}
     reference = is_reference(cfg.model.name)
     for section, body in cfg.to_dict().items():
+        if section == "plant" and not cfg.plant.enabled:
+            continue  # no plant: none of its keys says anything about the run
         for key, value in body.items():
             if (section, key) in NOT_HASHED or (section, key) in (("search", "keep"),
                                                                   ("search", "ticket_density")):
@@ -85,7 +87,7 @@ def settings_of(cfg: Config) -> dict[str, Any]:
     else:
         out["search.ticket_density"] = round(cfg.ticket_density, 6)
     if dense_source(cfg):
-        out.update({key: ANY for key in ANY_WHEN_DENSE})
+        out.update({key: ANY for key in ANY_WHEN_DENSE if key in out})
     d, w = cfg.source.density, cfg.model.width
     if d < 1.0 and w != 1.0 and math.isclose(w, round(theory_width(d), 4)):
         out[WIDTH] = THEORY  # a sweep's model.width = "theory" point
