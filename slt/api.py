@@ -176,8 +176,8 @@ def evaluate(ticket: Ticket | PathLike, data: PathLike | None = None, *,
     from slt import ticket as ticket_io
     from slt.capacity import allocation_errors
     from slt.data.loader import open_batches
-    from slt.engine.measure import effective_records
     from slt.engine.measure import evaluate as evaluate_net
+    from slt.engine.measure import measured_effective
     from slt.engine.platform import resolve_device
     from slt.models import model_known
     from slt.resolve import resolve
@@ -208,7 +208,7 @@ def evaluate(ticket: Ticket | PathLike, data: PathLike | None = None, *,
     with allocation_errors(cfg, batches.spec):  # a ticket found on a bigger machine
         net = ticket_io.rebuild(t, dev)
         loss, acc = evaluate_net(net, batches, cfg.search.eval_batch_size)
-        effective = effective_records(net, t.compact_masks(), batches.spec.shape)
+        effective = measured_effective(net, t.compact_masks(), batches.spec.shape)
     return Evaluation(acc, loss, t.metrics.get("test_acc"), effective)
 
 

@@ -18,7 +18,7 @@ from slt.config.schema import Config, ModelConfig
 from slt.errors import ConfigError, did_you_mean
 from slt.layers import MaskedLayer, WeightSlot, masked_layers
 from slt.models import build_model, seed_parameters
-from slt.plant import Plant, plant_of
+from slt.plant import Plant, check_plant_scorer, plant_layer, plant_of
 from slt.scorers import Budget, Scorer
 from slt.scorers.lookup import create_scorer
 from slt.seeding import generator
@@ -215,28 +215,29 @@ def build_network(cfg: Config, spec: DataSpec) -> SltNetwork:
     ))
     src = [next(counts) if s else layer.numel for layer, s in zip(layers, searched)]
     searched_src = [c for c, s in zip(src, searched) if s]
-    budget, keep = _budget(cfg, searched_src, [layer.numel for layer in search_layers])
+    # check_plant made every layer searched: layer i holds the plant's layer i
+    plant = plant_of(cfg, shapes) if cfg.plant.enabled else None
+    sized = plant is not None and cfg.plant.size_ticket
+    budget, keep = (_plant_budget(cfg, plant, searched_src) if sized else  # type: ignore[arg-type]
+                    _budget(cfg, searched_src, [layer.numel for layer in search_layers]))
     _check_layers(cfg, [names[id(layer)] for layer in search_layers], searched_src, budget)
 
     scorer = create_scorer(cfg.search.scorer, dict(cfg.search.scorer_options))
+    if plant is not None:
+        check_plant_scorer(scorer)
     scorer.target_keep = keep
-    # check_plant made every layer searched: layer i holds the plant's layer i
-    plant = plant_of(cfg, shapes) if cfg.plant.enabled else None
-    if plant is not None and cfg.plant.size_ticket:
-        budget, keep = _plant_budget(cfg, plant, searched_src)
-    infos = []
+    infos, planted = [], []
     for i, (layer, is_searched, n_src) in enumerate(zip(layers, searched, src)):
         forced = _forced(plant, i, n_src, names[id(layer)]) if cfg.plant.in_source else None
         mask = (nested_mask(layer.weight_shape, n_src, cfg.source.seed, i, forced)
                 if is_searched else torch.ones(layer.weight_shape, dtype=torch.bool))
-        scale = {
-            "none": 1.0,
-            "source": n_src / layer.numel,
-            "ticket": keep * n_src / layer.numel,
-        }[cfg.model.init_scale] if is_searched else 1.0
+        # a sized ticket's own per-layer density (it need not be keep x the source's)
+        ticket = budget.layer_k[i] if sized else keep * n_src
+        scale = {"none": 1.0, "source": n_src / layer.numel, "ticket": ticket / layer.numel,
+                 }[cfg.model.init_scale] if is_searched else 1.0
         weight = init_weight(cfg.model.init, layer.weight_shape, cfg.run.seed, i, scale)
         if plant is not None:
-            weight.view(-1)[plant.positions[i]] = plant.values[i]
+            planted.append(plant_layer(weight, plant, i))
         layer.init_args = (cfg.model.init, max(scale, 1.0 / layer.numel))
         layer.set_source(weight, mask, is_searched)
         if is_searched:
@@ -244,6 +245,8 @@ def build_network(cfg: Config, spec: DataSpec) -> SltNetwork:
             layer.scores = nn.Parameter(scores)
         infos.append(LayerInfo(i, names[id(layer)], layer.weight_shape, layer.numel,
                                is_searched, layer.n_source))
+    if plant is not None:
+        plant = Plant(plant.positions, tuple(v for v, _ in planted), tuple(c for _, c in planted))
     if is_reference(cfg.model.name):
         seed_parameters(body, cfg.model, cfg.run.seed)
     return SltNetwork(body, scorer, budget, infos, plant)

@@ -4,6 +4,7 @@ source drawn with or without it, and the records of what a search recovered."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
@@ -59,8 +60,11 @@ def test_student_restricted_to_the_plant_computes_the_teacher_exactly(monkeypatc
     x = torch.randint(-2, 3, (256, 12), generator=g).float()
     with torch.no_grad():
         student = net.apply_body(x)
-    assert torch.equal(student, teacher.logits(x).float())
-    assert student.abs().max() > 10  # not all zeros: the teacher really computes something
+    # each layer's plant is scaled by a power of two (exact), the logits by their product
+    scales = net.plant.scales
+    assert len(scales) == 3 and all(math.log2(c) == round(math.log2(c)) for c in scales)
+    assert torch.equal(student, teacher.logits(x).float() * net.plant.logit_scale)
+    assert student.abs().max() > 0.5  # not all zeros: the teacher really computes something
     # the edges outside the plant are random and change the output: the plant is not trivial
     net.fixed = False
     with torch.no_grad():
@@ -77,10 +81,16 @@ def test_the_real_teachers_plant_labels_its_data() -> None:
     full = first.expand(first.weight_src)
     rows = full.abs().sum(1).nonzero().squeeze(1)  # every student unit has random weights
     assert rows.numel() == 20
+    # the planted weights are as large as the random ones around them (within a factor 2)
+    for layer, pos in zip(net.searched_layers, net.plant.positions):
+        w = layer.expand(layer.weight_src).reshape(-1)
+        planted, rest = w[pos].abs().mean(), w[~torch.isin(torch.arange(w.numel()), pos)]
+        assert 0.5 < float(planted / rest.abs().mean()) < 2.0
     restrict_to_plant(net)
     with torch.no_grad():
         logits = net.apply_body(splits.test_x)
-    assert torch.allclose(logits.double(), teacher.logits(splits.test_x), atol=1e-5)
+    expected = teacher.logits(splits.test_x) * net.plant.logit_scale
+    assert torch.allclose(logits.double(), expected, atol=1e-5 * net.plant.logit_scale)
     agree = (logits.argmax(1) == splits.test_y).float().mean()
     assert agree > 0.995
 
@@ -88,7 +98,7 @@ def test_the_real_teachers_plant_labels_its_data() -> None:
 def test_plant_in_source_forces_every_planted_edge_in_and_keeps_counts() -> None:
     free = network(config(**{"source.density": 0.5}))
     held = network(config(**{"source.density": 0.5, "plant.in_source": True}))
-    plain = network(config(**{"source.density": 0.5, "plant.enabled": False}))
+    plain = network(config(**{"source.density": 0.5, "plant.enabled": False, "plant.seed": 0}))
     for f, h, p, pos in zip(free.searched_layers, held.searched_layers,
                             plain.searched_layers, held.plant.positions):
         assert h.n_source == f.n_source == p.n_source  # the scheme's exact counts
@@ -139,6 +149,17 @@ def test_recall_and_precision_of_a_ticket() -> None:
     assert row["recall"] == pytest.approx(row["found"] / 72)
     assert row["precision"] == pytest.approx(row["found"] / row["ticket"])
     assert rec["layers"][1]["recall"] == 1.0
+    # chance: a ticket of k of the n source edges holds k * in / n planted ones on average
+    assert row["chance_recall"] == pytest.approx(row["ticket"] * 72 / src[0].numel() / 72)
+    # a sparse source: survival below 1, recall of all planted vs of those in the source
+    thin = network(config(**{"source.density": 0.5}))
+    tsrc = sources(thin)
+    kept = planted_in_source(tsrc, thin.plant)
+    part = plant_record(names, tsrc, kept, thin.plant)
+    n_in = sum(int(k.sum()) for k in kept)
+    assert part["survival"] == pytest.approx(n_in / 132) and part["survival"] < 1
+    assert part["recall"] == pytest.approx(n_in / 132) and part["recall_in_source"] == 1.0
+    assert part["precision"] == 1.0
 
 
 @pytest.mark.parametrize("sets, words", [
@@ -148,11 +169,31 @@ def test_recall_and_precision_of_a_ticket() -> None:
     ({"data.teacher_depth": 1}, "the teacher has 1 hidden layer(s)"),
     ({"model.last_layer_dense": True}, "needs every layer searched"),
     ({"plant.enabled": False, "plant.in_source": True}, "need plant.enabled = true"),
+    ({"plant.enabled": False, "plant.seed": 4}, "need plant.enabled = true"),
 ])
 def test_a_plant_the_run_cannot_hold_is_one_config_line(sets, words) -> None:
     with pytest.raises(ConfigError, match=None) as err:
         config(**sets)
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("rule", ["biprop", "iterand", "signed-supermask"])
+def test_a_rule_that_changes_the_weights_cannot_hold_a_plant(rule) -> None:
+    with pytest.raises(ConfigError, match=f"{rule} changes them"):
+        network(config(**{"search.scorer": rule}))
+
+
+def test_a_sized_ticket_ignores_the_ticket_density_in_run_id_name_and_checks() -> None:
+    from slt.config.ids import legacy_run_id, run_id
+
+    a = config(**{"plant.size_ticket": True})
+    b = config(**{"plant.size_ticket": True, "search.keep": 0.0001})
+    assert run_id(a) == run_id(b) and "-tplant-" in run_id(a)
+    assert network(b).budget.layer_k == (72, 36, 24)  # keep 0.0001 would keep no edge
+    # a planted run never takes an unplanted run's old (legacy) name, nor the reverse
+    plain = config(**{"plant.enabled": False, "plant.seed": 0})
+    assert legacy_run_id(config()) != legacy_run_id(plain)
+    assert legacy_run_id(config(**{"plant.seed": 5})) != legacy_run_id(config())
 
 
 def test_a_student_narrower_than_the_teacher_or_a_full_source_is_one_line() -> None:
@@ -172,16 +213,26 @@ def test_a_search_records_the_plant_and_evaluates_it(tmp_path) -> None:
     assert [row["name"] for row in plant["layers"]] == ["1", "3", "5"]
     ticket = slt.load_ticket(result.run_dir / "ticket.slt")
     net = network(ticket.config)
-    rec = plant_record([r["name"] for r in plant["layers"]], sources(net),
-                       ticket.compact_masks(), net.plant)
-    assert rec["found"] == plant["found"] and rec["recall"] == plant["recall"]
-    # the plant restricted to the source, measured by hand
+    # recounted with sets over the full masks of the ticket file
+    found = in_source = 0
+    for tl, pos in zip(ticket.layers, net.plant.positions):
+        plant_set = set(pos.tolist())
+        in_source += len(plant_set & set(tl.source_mask.reshape(-1).nonzero()[:, 0].tolist()))
+        found += len(plant_set & set(tl.mask.reshape(-1).nonzero()[:, 0].tolist()))
+    assert (plant["found"], plant["in_source"]) == (found, in_source)
+    assert plant["recall"] == pytest.approx(found / 132)
+    # the plant restricted to the source, by hand: a plain ReLU MLP of the student's
+    # weights, zero off the planted edges the source kept
     splits, _ = planted_teacher_task(ticket.config.data)
-    restrict_to_plant(net)
-    with torch.no_grad():
-        acc = float((net.apply_body(splits.test_x).argmax(1) == splits.test_y).float().mean())
+    h = splits.test_x
+    for i, (tl, layer) in enumerate(zip(ticket.layers, net.searched_layers)):
+        keep = torch.zeros(layer.numel, dtype=torch.bool)
+        keep[net.plant.positions[i]] = True
+        w = layer.expand(layer.weight_src) * (keep.view(layer.weight_shape) & tl.source_mask)
+        h = h @ w.T if i == 2 else torch.relu(h @ w.T)
+    acc = float((h.argmax(1) == splits.test_y).float().mean())
     assert plant["accuracy_in_source"] == pytest.approx(acc)
-    assert acc < 0.99  # half the plant's edges are gone
+    assert acc < 0.99  # part of the plant's edges are gone
 
 
 PLANT_SWEEP = """
@@ -241,3 +292,25 @@ def test_the_report_has_a_planted_section_from_the_summaries(tmp_path) -> None:
         assert float(by_id[run.name]["plant_recall"]) == pytest.approx(s["plant"]["recall"])
         assert float(by_id[run.name]["effective_density"]) == pytest.approx(
             s["effective_density"])
+
+
+def test_a_trace_that_fails_costs_the_run_nothing(tmp_path, monkeypatch, capsys) -> None:
+    """The effective-density trace runs after the ticket is saved: if it fails (a model it
+    cannot take), the run still writes its summary, with the reason, and `slt eval` says
+    it in one line."""
+    from slt.cli import main
+
+    def refuse(*args, **kwargs):
+        raise ValueError("max pooling with dilation 2 is not handled")
+
+    monkeypatch.setattr("slt.engine.measure.effective_records", refuse)
+    with pytest.warns(UserWarning, match="effective density not measured"):
+        result = slt.search(PLANT, overrides={"run.threads": 1}, out=tmp_path)
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["effective_error"] == "ValueError: max pooling with dilation 2 is not handled"
+    assert "effective_density" not in summary and summary["plant"]["planted"] == 132
+    with pytest.warns(UserWarning):
+        assert main(["eval", str(result.run_dir / "ticket.slt")]) == 0
+    out = capsys.readouterr().out
+    assert "effective density not measured: ValueError: max pooling" in out
+    assert "(run recorded" in out and "same" in out

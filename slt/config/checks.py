@@ -260,8 +260,9 @@ def check_plant(cfg: Config) -> None:
     searched (a dense frozen layer would add its random weights to the plant's)."""
     m, d = cfg.model, cfg.data
     if not cfg.plant.enabled:
-        if cfg.plant.in_source or cfg.plant.size_ticket:
-            raise ConfigError("plant.in_source and plant.size_ticket need plant.enabled = true")
+        if cfg.plant.in_source or cfg.plant.size_ticket or cfg.plant.seed:
+            raise ConfigError("plant.seed, plant.in_source and plant.size_ticket need "
+                              "plant.enabled = true")
         return
     if d.name != "planted_teacher":
         raise ConfigError(f"plant.enabled needs data.name = 'planted_teacher' (the teacher is "

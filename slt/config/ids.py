@@ -76,6 +76,10 @@ def hashed_values(cfg: Config) -> dict[str, Any]:
     if dense_source(cfg):
         body.pop("source.scheme", None)
         body.pop("plant.in_source", None)  # a dense source holds every planted edge anyway
+    if cfg.plant.enabled and cfg.plant.size_ticket:  # the plant sizes the ticket
+        body.pop("search.keep", None)
+        body.pop("search.ticket_density", None)
+        return body
     # keep/ticket_density are two spellings of one quantity: the derived pair, always.
     body["search.keep"] = round(cfg.keep, 12)
     body["search.ticket_density"] = round(cfg.ticket_density, 12)
@@ -103,6 +107,13 @@ def legacy_config_hash(cfg: Config) -> str:
         body["source"]["scheme"] = "uniform"
     body["search"]["keep"] = round(cfg.keep, 12)
     body["search"]["ticket_density"] = round(cfg.ticket_density, 12)
+    # A key the legacy hash never knew, set away from its default, names a run no slt of
+    # that time could write: it enters the hash, so no old run is ever taken for it (a
+    # planted run for the unplanted one). Unset, it leaves every legacy id as it was.
+    newer = {k: v for k, v in hashed_values(cfg).items()
+             if k.split(".")[1] not in LEGACY_KEYS.get(k.split(".")[0], ())}
+    if newer:
+        body["newer"] = newer
     text = json.dumps(body, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -113,7 +124,9 @@ def config_hashes(cfg: Config) -> tuple[str, str]:
 
 
 def _run_name(cfg: Config, digest: str) -> str:
-    if cfg.source.scheme == "custom":
+    if cfg.plant.enabled and cfg.plant.size_ticket:  # the ticket is the plant's size
+        size = f"d{cfg.source.density:g}-tplant"
+    elif cfg.source.scheme == "custom":
         size = f"custom-k{cfg.keep:.4g}"
     else:
         size = f"d{cfg.source.density:g}-t{cfg.ticket_density:.4g}"

@@ -3,6 +3,7 @@ found, the records written beside it (effective density, the plant's recovery)."
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ from torch import Tensor
 from slt.data.memory import Batches
 from slt.data.stream import StreamBatches
 from slt.effective import effective_density
+from slt.errors import first_line
 from slt.network import SltNetwork
 from slt.plant import plant_record, planted_in_source
 
@@ -42,13 +44,27 @@ def effective_records(net: SltNetwork, masks: Sequence[Tensor] | None,
             "effective": {"ticket": ticket, "source": source}}
 
 
+def measured_effective(net: SltNetwork, masks: Sequence[Tensor] | None,
+                       input_shape: Sequence[int]) -> dict[str, Any]:
+    """`effective_records`, or {"effective_error": why} with a warning when the trace
+    fails (a user's model it cannot take): what is measured beside a ticket never costs
+    the ticket itself."""
+    try:
+        return effective_records(net, masks, input_shape)
+    except Exception as exc:  # the user's forward: any error, one line
+        why = f"{type(exc).__name__}: {first_line(exc)}"
+        warnings.warn(f"effective density not measured: {why}", stacklevel=2)
+        return {"effective_error": why}
+
+
 def ticket_records(net: SltNetwork, masks: Sequence[Tensor],
                    batches: Batches | StreamBatches, eval_batch_size: int) -> dict[str, Any]:
     """The records of a found ticket: its effective density, and with a plant, how much of
     the plant the source kept and the ticket found, and the accuracy of the plant
     restricted to the source with no search at all. Leaves the network fixed on that
-    plant when there is one (call it last)."""
-    records = effective_records(net, masks, batches.spec.shape)
+    plant when there is one (call it last). A trace that fails (a model it cannot take)
+    is recorded as `effective_error`, so a finished search still writes its summary."""
+    records = measured_effective(net, masks, batches.spec.shape)
     if net.plant is not None:
         names = [info.name for info in net.infos if info.searched]
         src = [layer.src_idx for layer in net.searched_layers]
@@ -62,6 +78,8 @@ def ticket_records(net: SltNetwork, masks: Sequence[Tensor],
 def effective_lines(records: dict) -> list[str]:
     """`slt eval`'s lines for `slt.engine.measure.effective_records`: ticket and source in
     total, then the ticket per layer."""
+    if "effective_error" in records:
+        return [f"  effective density not measured: {records['effective_error']}"]
     ticket, source = records["effective"]["ticket"], records["effective"]["source"]
     lines = [f"  effective density {ticket['effective_density']:.4f} of nominal "
              f"{ticket['nominal_density']:.4f}: {ticket['effective_fraction']:.2%} of the "

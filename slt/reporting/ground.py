@@ -19,6 +19,7 @@ from slt.reporting.tables import Evaluator, ticket_digest
 PLANT_COLUMNS: tuple[tuple[str, Any], ...] = (
     ("planted edges in source", lambda s: s["plant"]["survival"]),
     ("recall", lambda s: s["plant"]["recall"]),
+    ("chance recall", lambda s: s["plant"].get("chance_recall")),
     ("recall of those in source", lambda s: s["plant"]["recall_in_source"]),
     ("precision", lambda s: s["plant"]["precision"]),
     ("plant in source, no search (acc)", lambda s: s["plant"]["accuracy_in_source"]),
@@ -46,7 +47,8 @@ def plant_table(study: Study) -> tuple[list[str], list[list[str]], dict] | None:
     rows, series = [], {}
     for key in sorted(by, key=str):
         for d in sorted(by[key], reverse=True):
-            cells = {name: [get(r.summary) for r in by[key][d]] for name, get in PLANT_COLUMNS}
+            cells = {name: [v for r in by[key][d] if (v := get(r.summary)) is not None]
+                     for name, get in PLANT_COLUMNS}
             rows.append([label_of(key), f"{d:g}", *[fmt_pct(v) for v in cells.values()]])
             series.setdefault(key, {})[d] = cells
     return header, rows, series
@@ -64,7 +66,8 @@ def _effective(run: Run, study: Study, evaluator: Evaluator) -> tuple[float, flo
         return s["effective_density"], s["ticket_density"]
     cache_path, digest = run.path / EFFECTIVE_CACHE, ticket_digest(run)
     cached = json_or_none(cache_path) or {}
-    if digest is not None and cached.get("ticket") == digest:
+    if (digest is not None and cached.get("ticket") == digest
+            and {"effective_density", "ticket_density"} <= cached.keys()):
         return cached["effective_density"], cached["ticket_density"]
     ticket = study.ticket(run)
     records = None if ticket is None or digest is None else evaluator.effective(ticket)

@@ -127,12 +127,17 @@ class Plots:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for key, by_d in series.items():
             color = axes[0].plot([], [])[0].get_color()
-            cols = list(next(iter(by_d.values())))  # the table's column names, in order
-            part = [{d: v[name] for d, v in by_d.items()} for name in cols]
-            self._line(axes[0], part[1], _label(key), color=color)
-            self._line(axes[0], part[0], "", color=color, linestyle=":")
-            self._line(axes[1], part[5], "", color=color)
-            self._line(axes[1], part[4], "", color=color, linestyle="--")
+            def part(name: str, by_d: dict = by_d) -> dict[float, list[float]]:
+                return {d: v[name] for d, v in by_d.items()}
+
+            self._line(axes[0], part("recall"), _label(key), color=color)
+            self._line(axes[0], part("planted edges in source"), "", color=color,
+                       linestyle=":")
+            self._line(axes[0], part("chance recall"), "", color=color, linestyle="-.",
+                       alpha=0.5)
+            self._line(axes[1], part("found ticket (acc)"), "", color=color)
+            self._line(axes[1], part("plant in source, no search (acc)"), "", color=color,
+                       linestyle="--")
         for ax in axes:
             ax.set_xscale("log")
         xlabel = "source density d (log scale)"
@@ -141,7 +146,9 @@ class Plots:
         axes[0].legend(handles=[*axes[0].get_legend_handles_labels()[0],
                                 Line2D([], [], color="gray", label="recall"),
                                 Line2D([], [], color="gray", linestyle=":",
-                                       label="in source")], fontsize=7)
+                                       label="in source"),
+                                Line2D([], [], color="gray", linestyle="-.",
+                                       label="chance recall")], fontsize=7)
         axes[1].legend(handles=[Line2D([], [], color="gray", label="found ticket"),
                                 Line2D([], [], color="gray", linestyle="--",
                                        label="plant in source, no search")], fontsize=7)

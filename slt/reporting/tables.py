@@ -134,13 +134,19 @@ class Evaluator:
             return None
         import torch
 
-        from slt.engine.measure import effective_records
+        from slt.engine.measure import measured_effective
 
-        net = self._rebuild(ticket, torch.device("cpu"), "effective densities were not "
-                            "measured")
+        what = "effective densities were not measured"
+        net = self._rebuild(ticket, torch.device("cpu"), what)
         if net is None:
             return None
-        return effective_records(net, ticket.compact_masks(), ticket.header["spec"]["shape"])
+        records = measured_effective(net, ticket.compact_masks(),
+                                     ticket.header["spec"]["shape"])
+        if "effective_error" in records:
+            self.note(f"{what} for a ticket of {ticket.config.model.name}: "
+                      f"{records['effective_error']}")
+            return None
+        return records
 
 
 def survival_rows(study: Study, evaluator: Evaluator) -> list[dict[str, Any]]:

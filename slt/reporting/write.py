@@ -30,7 +30,8 @@ from slt.reporting.tables import (
 CSV_FIELDS = ["run_id", "status", "epochs_done", "final_test_acc", "best_test_acc", "time_s",
               "source_density_actual", "ticket_density_actual", "keep_actual",
               "effective_density", "source_effective_density", "plant_survival",
-              "plant_recall", "plant_precision", "plant_accuracy_in_source", "error"]
+              "plant_recall", "plant_chance_recall", "plant_precision",
+              "plant_accuracy_in_source", "error"]
 
 
 def write_csv(path: Path, runs: list[Run], unreadable: list[Unreadable] = ()) -> None:
@@ -48,7 +49,7 @@ def write_csv(path: Path, runs: list[Run], unreadable: list[Unreadable] = ()) ->
                     s.get("time_s"), s.get("source_density"), s.get("ticket_density"),
                     s.get("keep"), s.get("effective_density"),
                     source.get("effective_density"), plant.get("survival"),
-                    plant.get("recall"), plant.get("precision"),
+                    plant.get("recall"), plant.get("chance_recall"), plant.get("precision"),
                     plant.get("accuracy_in_source"), r.error, r.config.search.keep,
                     r.config.search.ticket_density, *[values.get(k) for k in keys]])
     for u in unreadable:
@@ -188,9 +189,11 @@ def ground_sections(study: Study, plots: Any, evaluator: Evaluator) -> list[str]
                "The teacher that labels the data is planted in the student's weights, so "
                "a perfect ticket exists (`[plant]`). *Planted edges in source*: the share "
                "of them the random source holds. *Recall*: the share of them the found "
-               "ticket holds (of all, and of those in the source). *Precision*: the "
-               "planted share of the ticket. *Plant in source, no search*: the plant "
-               "restricted to the source, evaluated as it is; beside it the found "
+               "ticket holds (of all, and of those in the source); *chance recall*: what a "
+               "ticket of the same size per layer drawn at random from the source would "
+               "hold. *Precision*: the planted share of the ticket. *Plant in source, no "
+               "search*: the plant restricted to the source, evaluated as it is; beside "
+               "it the found "
                "ticket's accuracy: a ticket as good as the plant with a low recall is "
                "another ticket, not the plant.\n", markdown_table(header, rows),
                plots.planted(series)]
