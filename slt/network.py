@@ -228,7 +228,8 @@ def build_network(cfg: Config, spec: DataSpec) -> SltNetwork:
     scorer.target_keep = keep
     infos, planted = [], []
     for i, (layer, is_searched, n_src) in enumerate(zip(layers, searched, src)):
-        forced = _forced(plant, i, n_src, names[id(layer)]) if cfg.plant.in_source else None
+        forced = (_forced(plant, i, n_src, names[id(layer)])  # type: ignore[arg-type]
+                  if cfg.plant.in_source else None)  # in_source: check_plant made a plant
         mask = (nested_mask(layer.weight_shape, n_src, cfg.source.seed, i, forced)
                 if is_searched else torch.ones(layer.weight_shape, dtype=torch.bool))
         # a sized ticket's own per-layer density (it need not be keep x the source's)
@@ -259,10 +260,8 @@ def _plant_budget(cfg: Config, plant: Plant, source: list[int]) -> tuple[Budget,
     return Budget(cfg.search.scope, layer_k, sum(layer_k)), sum(layer_k) / sum(source)
 
 
-def _forced(plant: Plant | None, index: int, n_source: int, name: str) -> Tensor | None:
+def _forced(plant: Plant, index: int, n_source: int, name: str) -> Tensor:
     """The planted edges a source must hold (plant.in_source), when it has room for them."""
-    if plant is None:
-        return None
     forced = plant.positions[index]
     if forced.numel() > n_source:
         raise ConfigError(f"plant.in_source: layer {name} has {forced.numel()} planted edges "

@@ -35,14 +35,13 @@ def plant_table(study: Study) -> tuple[list[str], list[list[str]], dict] | None:
     """Rows: each setting (seed aside) at each source density; columns: the plant's
     survival in the source, the ticket's recall and precision of it, the plant's own
     accuracy inside the source and the ticket's. None when no run has a plant."""
-    runs = [r for r in study.finished if _planted(r)]
-    if not runs:
-        return None
     by: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for key, group in study.groups().items():
         for r in group:
             if _planted(r):
                 by[key][r.density].append(r)
+    if not by:
+        return None
     header = ["setting", "d", *[name for name, _ in PLANT_COLUMNS]]
     rows, series = [], {}
     for key in sorted(by, key=str):
@@ -91,10 +90,13 @@ def effective_table(study: Study, evaluator: Evaluator
     densities = study.densities()
     header = ["setting", *[f"d={d:g}" for d in densities]]
     rows, series, differs = [], {}, False
+    known: dict[Any, tuple[float, float] | None] = {}  # a dense run stands in many groups
     for key, runs in study.groups().items():
         pairs: dict[float, list[tuple[float, float]]] = defaultdict(list)
         for r in runs:
-            pair = _effective(r, study, evaluator)
+            if r.path not in known:
+                known[r.path] = _effective(r, study, evaluator)
+            pair = known[r.path]
             if pair is not None:
                 pairs[r.density].append(pair)
                 differs |= pair[0] < pair[1] * (1 - 1e-9)

@@ -60,14 +60,19 @@ class Plots:
         if legend_size is not None:
             ax.legend(fontsize=legend_size)
 
-    def accuracy(self, series: dict[tuple, dict[float, list[float]]]) -> str:
+    def _vs_density(self, series: dict[tuple, dict[float, list[float]]], ylabel: str,
+                    title: str, name: str, alt: str) -> str:
+        """One line per setting of a percentage against the source density (log scale)."""
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for key, by_d in series.items():
             self._line(ax, by_d, _label(key))
         ax.set_xscale("log")
-        self._style(ax, "source density d (log scale)", "test accuracy (%)",
-                    "Ticket accuracy vs source density")
-        return self._save(fig, "accuracy_vs_density.png", "accuracy vs source density")
+        self._style(ax, "source density d (log scale)", ylabel, title)
+        return self._save(fig, name, alt)
+
+    def accuracy(self, series: dict[tuple, dict[float, list[float]]]) -> str:
+        return self._vs_density(series, "test accuracy (%)", "Ticket accuracy vs source density",
+                                "accuracy_vs_density.png", "accuracy vs source density")
 
     def survival(self, series: dict[tuple, dict[float, dict[str, list[float]]]]) -> str:
         from matplotlib.lines import Line2D
@@ -156,10 +161,6 @@ class Plots:
 
     def effective(self, series: dict[tuple, dict[float, list[float]]]) -> str:
         """Effective over nominal ticket density vs source density, one line per setting."""
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for key, by_d in series.items():
-            self._line(ax, by_d, _label(key))
-        ax.set_xscale("log")
-        self._style(ax, "source density d (log scale)", "effective / nominal density (%)",
-                    "Ticket edges on an input-to-output path")
-        return self._save(fig, "effective_density.png", "effective vs nominal density")
+        return self._vs_density(series, "effective / nominal density (%)",
+                                "Ticket edges on an input-to-output path",
+                                "effective_density.png", "effective vs nominal density")
